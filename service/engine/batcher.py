@@ -1,0 +1,275 @@
+"""One queue per model and the thread that runs its forward passes, in batches cut by a token budget.
+
+Why this shape:
+- Padding is paid for: a batch costs `len(batch) * longest` tokens, so pending inputs are kept sorted by
+  length and a batch takes neighbours of similar length, never a 10-token text beside a 150-token one
+  when it can avoid it.
+- Latency stays bounded: every batch is built around the oldest pending input, so a long queue of short
+  texts cannot starve a long one, and a lone request runs at once (no timer, no waiting for company).
+- A large request is just many inputs in the queue: they spread over several batches, interleave with
+  other requests' inputs, and are reassembled in order in the request's `Job`.
+- A cancelled or expired request's inputs are dropped before they are computed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import grpc
+import numpy as np
+
+from .. import errors
+from ..runtimes.base import Runtime
+from .tokenizer import Tokens
+
+log = logging.getLogger(__name__)
+
+# pooled = head(token_embeddings [B, L, H], attention_mask [B, L], prompt_lengths [B])
+Head = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+class Job:
+    """One request's inputs for one model: filled in by the batcher thread, awaited on the event loop."""
+
+    __slots__ = (
+        "items", "want_tokens", "loop", "future", "pooled", "token_embeddings", "remaining", "cancelled",
+        "deadline", "enqueued_at", "started_at", "inference_seconds", "batches",
+    )
+
+    def __init__(self, items: list[Tokens], want_tokens: bool, loop: asyncio.AbstractEventLoop, deadline: float | None = None):
+        self.items = items
+        self.want_tokens = want_tokens
+        self.loop = loop
+        self.future: asyncio.Future[None] = loop.create_future()
+        self.pooled: np.ndarray | None = None
+        self.token_embeddings: list[np.ndarray | None] | None = [None] * len(items) if want_tokens else None
+        self.remaining = len(items)
+        self.cancelled = False
+        self.deadline = deadline  # time.monotonic() after which the caller no longer waits
+        self.enqueued_at = 0.0
+        self.started_at: float | None = None
+        self.inference_seconds = 0.0
+        self.batches = 0
+
+    def _resolve(self) -> None:
+        if not self.future.done():
+            self.future.set_result(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+
+@dataclass(slots=True)
+class _Entry:
+    key: tuple[int, int]  # (length, arrival sequence): the sort order of the queue
+    job: Job
+    index: int  # position of the input in its request
+    taken: bool = False
+
+
+@dataclass
+class BatchStats:
+    size: int
+    tokens: int  # real tokens
+    padded_tokens: int  # size * longest
+    seconds: float
+
+
+class Batcher:
+    def __init__(
+        self,
+        name: str,
+        runtime: Runtime,
+        head: Head,
+        output_dim: int,
+        pad_id: int,
+        max_batch_tokens: int,
+        max_batch_size: int,
+        on_batch: Callable[[BatchStats], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.runtime = runtime
+        self.head = head
+        self.output_dim = output_dim
+        self.pad_id = pad_id
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_size = max_batch_size
+        self.on_batch = on_batch
+        self._cond = threading.Condition()
+        self._keys: list[tuple[int, int]] = []  # sorted
+        self._entries: list[_Entry] = []  # parallel to _keys
+        self._arrivals: collections.deque[_Entry] = collections.deque()
+        self._seq = 0
+        self._queued_tokens = 0
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=f"batcher:{name}", daemon=True)
+
+    # -- event-loop side -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    @property
+    def queued_tokens(self) -> int:
+        return self._queued_tokens
+
+    @property
+    def queued_inputs(self) -> int:
+        return len(self._keys)
+
+    def submit(self, job: Job) -> None:
+        job.enqueued_at = time.perf_counter()
+        with self._cond:
+            for i, tokens in enumerate(job.items):
+                self._seq += 1
+                entry = _Entry((len(tokens), self._seq), job, i)
+                pos = bisect.bisect_left(self._keys, entry.key)
+                self._keys.insert(pos, entry.key)
+                self._entries.insert(pos, entry)
+                self._arrivals.append(entry)
+                self._queued_tokens += len(tokens)
+            self._cond.notify()
+
+    # -- batcher thread ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._keys and not self._stopping:
+                    self._cond.wait()
+                if self._stopping and not self._keys:
+                    return
+                batch = self._take_batch()
+            if batch:
+                self._execute(batch)
+
+    def _live(self, entry: _Entry, now: float) -> bool:
+        job = entry.job
+        if job.cancelled or job.future.done():
+            return False
+        if job.deadline is not None and now > job.deadline:
+            job.loop.call_soon_threadsafe(
+                job._fail, errors.ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "The request's deadline passed while it waited in the queue.", reason="DEADLINE_EXCEEDED")
+            )
+            job.cancelled = True
+            return False
+        return True
+
+    def _take_batch(self) -> list[_Entry]:
+        """Removes and returns the next batch (called with the lock held)."""
+        now = time.monotonic()
+        # The anchor: the oldest input whose request still wants it.
+        while self._arrivals:
+            anchor = self._arrivals[0]
+            if anchor.taken:
+                self._arrivals.popleft()
+                continue
+            if not self._live(anchor, now):
+                self._purge_dead(now)
+                continue
+            break
+        else:
+            return []
+        keys = self._keys
+        pos = bisect.bisect_left(keys, anchor.key)
+        lo = hi = pos
+        longest = keys[pos][0]
+        n = 1
+        budget, cap = self.max_batch_tokens, self.max_batch_size
+        # Grow the window [lo, hi] over the sorted queue, each step adding the neighbour that adds the least padding.
+        while n < cap:
+            left_cost = longest - keys[lo - 1][0] if lo > 0 and (n + 1) * longest <= budget else None
+            right_cost = None
+            if hi + 1 < len(keys):
+                new_longest = keys[hi + 1][0]
+                if (n + 1) * new_longest <= budget:
+                    right_cost = (new_longest - longest) * n
+            if left_cost is None and right_cost is None:
+                break
+            if right_cost is None or (left_cost is not None and left_cost <= right_cost):
+                lo -= 1
+            else:
+                hi += 1
+                longest = keys[hi][0]
+            n += 1
+        window = self._entries[lo : hi + 1]
+        del self._keys[lo : hi + 1]
+        del self._entries[lo : hi + 1]
+        batch = []
+        for e in window:
+            e.taken = True
+            self._queued_tokens -= e.key[0]
+            if e is anchor or self._live(e, now):
+                batch.append(e)
+        return batch
+
+    def _purge_dead(self, now: float) -> None:
+        """Drops every input of cancelled or expired requests from the queue."""
+        keep_keys, keep_entries = [], []
+        for k, e in zip(self._keys, self._entries):
+            if self._live(e, now):
+                keep_keys.append(k)
+                keep_entries.append(e)
+            else:
+                e.taken = True
+                self._queued_tokens -= k[0]
+        self._keys, self._entries = keep_keys, keep_entries
+
+    def _execute(self, batch: list[_Entry]) -> None:
+        started = time.perf_counter()
+        n = len(batch)
+        longest = max(e.key[0] for e in batch)
+        ids = np.full((n, longest), self.pad_id, dtype=np.int64)
+        mask = np.zeros((n, longest), dtype=np.int64)
+        types = np.zeros((n, longest), dtype=np.int64)
+        prompt_lengths = np.zeros(n, dtype=np.int64)
+        for r, e in enumerate(batch):
+            tokens = e.job.items[e.index]
+            k = len(tokens)
+            ids[r, :k] = tokens.ids
+            mask[r, :k] = 1
+            types[r, :k] = tokens.type_ids
+            prompt_lengths[r] = tokens.prompt_length
+            if e.job.started_at is None:
+                e.job.started_at = started
+        try:
+            token_embeddings = self.runtime.forward(ids, mask, types)
+            pooled = self.head(token_embeddings, mask, prompt_lengths)
+        except Exception as exc:  # a failed batch fails its requests, never the thread
+            log.exception("forward pass failed", extra={"model": self.name, "batch_size": n, "longest": longest})
+            failure = errors.internal(f"The model failed on this batch: {type(exc).__name__}")
+            for job in {id(e.job): e.job for e in batch}.values():
+                job.loop.call_soon_threadsafe(job._fail, failure)
+            return
+        elapsed = time.perf_counter() - started
+        seen: set[int] = set()
+        for r, e in enumerate(batch):
+            job = e.job
+            if job.pooled is None:
+                job.pooled = np.empty((len(job.items), self.output_dim), dtype=np.float32)
+            job.pooled[e.index] = pooled[r]
+            if job.token_embeddings is not None:
+                job.token_embeddings[e.index] = token_embeddings[r, : e.key[0]].copy()
+            if id(job) not in seen:
+                seen.add(id(job))
+                job.inference_seconds += elapsed
+                job.batches += 1
+            job.remaining -= 1
+            if job.remaining == 0:
+                job.loop.call_soon_threadsafe(job._resolve)
+        if self.on_batch is not None:
+            self.on_batch(BatchStats(n, int(mask.sum()), n * longest, elapsed))

@@ -1,0 +1,207 @@
+"""The one embedding pipeline every dialect calls: validate, tokenize, batch, infer, pool, normalize.
+
+A dialect turns its wire format into an `EmbedRequest` and an `EmbedResult` back into its wire format;
+everything between (limits, model lookup, tokenization, the cache, batching, normalization,
+Matryoshka truncation) happens here, once, for all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .. import errors
+from ..config import LimitsConfig
+from .batcher import Job
+from .cache import EmbeddingCache
+from .models import ModelRegistry, ServedModel
+from .pooling import l2_normalize
+from .tokenizer import Tokens
+
+
+@dataclass
+class EmbedRequest:
+    """What a caller asks for, in the core's terms."""
+
+    # Texts, or lists of token ids of the model's own tokenizer (used as given).
+    inputs: list[str] | list[list[int]]
+    # An id or alias; '' is the default model.
+    model: str = ""
+    # Cut an over-long input (from `truncation_direction`) instead of refusing it.
+    truncate: bool = True
+    truncation_direction: str = "right"
+    # None: as the model was trained (normalized when its folder ends in Normalize).
+    normalize: bool | None = None
+    # A key of the model's `prompts`; None means the model's default prompt, if it has one.
+    prompt_name: str | None = None
+    # Keep the first N components and L2-renormalize (Matryoshka).
+    dimensions: int | None = None
+    # Also return the per-token embeddings (HrFlow's return_sequences).
+    token_embeddings: bool = False
+    use_cache: bool = True
+    # While the model loads: wait for it, or answer UNAVAILABLE with an estimate.
+    wait_for_model: bool = True
+    # time.monotonic() after which nobody waits for the answer.
+    deadline: float | None = None
+    # The dialect's name for the inputs field, used in error messages.
+    param: str = "input"
+
+
+@dataclass
+class Timings:
+    tokenize: float = 0.0
+    queue: float = 0.0
+    inference: float = 0.0
+    total: float = 0.0
+
+
+@dataclass
+class EmbedResult:
+    model: str  # canonical id
+    vectors: np.ndarray  # [N, D] float32, in input order
+    token_counts: list[int]
+    token_embeddings: list[np.ndarray] | None = None
+    cache_hits: int = 0
+    timings: Timings = field(default_factory=Timings)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.token_counts)
+
+
+class Embedder:
+    def __init__(self, registry: ModelRegistry, limits: LimitsConfig, cache: EmbeddingCache, executor: Executor) -> None:
+        self.registry = registry
+        self.limits = limits
+        self.cache = cache
+        self.executor = executor
+
+    async def embed(self, req: EmbedRequest) -> EmbedResult:
+        started = time.perf_counter()
+        self._validate(req)
+        timeout = None if req.deadline is None else max(0.0, req.deadline - time.monotonic())
+        model = await self.registry.get(req.model, wait=req.wait_for_model, timeout=timeout)
+        self._validate_options(req, model)
+
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        tokens = await loop.run_in_executor(self.executor, self._tokenize, model, req)
+        tokenize_seconds = time.perf_counter() - t0
+
+        n = len(tokens)
+        pooled = np.empty((n, model.dimension), dtype=np.float32)
+        keys: list[tuple] | None = None
+        missing = list(range(n))
+        hits = 0
+        use_cache = req.use_cache and self.cache.enabled and not req.token_embeddings
+        if use_cache:
+            keys = [EmbeddingCache.key(model.id, t.ids, t.prompt_length) for t in tokens]
+            missing = []
+            for i, key in enumerate(keys):
+                vec = self.cache.get(key)
+                if vec is None:
+                    missing.append(i)
+                else:
+                    pooled[i] = vec
+            hits = n - len(missing)
+
+        job = None
+        token_embeddings = None
+        if missing:
+            job = Job([tokens[i] for i in missing], req.token_embeddings, loop, req.deadline)
+            model.batcher.submit(job)
+            try:
+                await job.future
+            except asyncio.CancelledError:
+                job.cancelled = True  # its inputs still queued are dropped before they are computed
+                raise
+            pooled[missing] = job.pooled
+            if keys is not None:
+                for row, i in enumerate(missing):
+                    self.cache.put(keys[i], job.pooled[row].copy())
+            token_embeddings = job.token_embeddings
+
+        vectors = self._finish(pooled, req, model)
+        timings = Timings(tokenize=tokenize_seconds, total=time.perf_counter() - started)
+        if job is not None and job.started_at is not None:
+            timings.queue = job.started_at - job.enqueued_at
+            timings.inference = job.inference_seconds
+        return EmbedResult(
+            model=model.id,
+            vectors=vectors,
+            token_counts=[len(t) for t in tokens],
+            token_embeddings=token_embeddings,
+            cache_hits=hits,
+            timings=timings,
+        )
+
+    # -- steps ------------------------------------------------------------------------------------
+
+    def _validate(self, req: EmbedRequest) -> None:
+        if not req.inputs:
+            raise errors.invalid_argument("At least one input is required; got none.", req.param, "EMPTY_INPUT")
+        if len(req.inputs) > self.limits.max_client_batch_size:
+            raise errors.invalid_argument(
+                f"Too many inputs: {len(req.inputs)}; at most {self.limits.max_client_batch_size} per request.",
+                req.param,
+                "TOO_MANY_INPUTS",
+            )
+        kind = str if isinstance(req.inputs[0], str) else list
+        for i, item in enumerate(req.inputs):
+            if not isinstance(item, kind):
+                raise errors.invalid_argument(f"Input {i} is not a {'string' if kind is str else 'list of token ids'} like input 0.", req.param)
+            if kind is str:
+                if not item:
+                    raise errors.invalid_argument(f"Input {i} is an empty string; every input must have text.", req.param, "EMPTY_INPUT")
+                if len(item) > self.limits.max_input_chars and not req.truncate:
+                    raise errors.invalid_argument(
+                        f"Input {i} has {len(item)} characters; at most {self.limits.max_input_chars} are accepted.",
+                        req.param,
+                        "INPUT_TOO_LONG",
+                    )
+        if req.truncation_direction not in ("right", "left"):
+            raise errors.invalid_argument("truncation_direction must be Left or Right.", "truncation_direction")
+
+    def _validate_options(self, req: EmbedRequest, model: ServedModel) -> None:
+        if req.dimensions is not None and not 1 <= req.dimensions <= model.dimension:
+            raise errors.invalid_argument(
+                f"dimensions must be between 1 and {model.dimension} for {model.id}; got {req.dimensions}.", "dimensions"
+            )
+        if req.prompt_name is not None and req.prompt_name not in model.prompts:
+            known = ", ".join(sorted(model.prompts)) or "none"
+            raise errors.invalid_argument(
+                f"Unknown prompt_name {req.prompt_name!r} for {model.id}; its prompts are: {known}.", "prompt_name"
+            )
+
+    def _tokenize(self, model: ServedModel, req: EmbedRequest) -> list[Tokens]:
+        if not isinstance(req.inputs[0], str):
+            return model.tokenizer.from_ids(req.inputs, req.truncate, req.truncation_direction, req.param)  # type: ignore[arg-type]
+        texts: list[str] = req.inputs  # type: ignore[assignment]
+        limit = self.limits.max_input_chars
+        # Characters beyond the limit can't survive token truncation anyway: clip before paying to tokenize them.
+        if req.truncate and any(len(t) > limit for t in texts):
+            texts = [t[-limit:] if req.truncation_direction == "left" else t[:limit] for t in texts]
+        name = req.prompt_name if req.prompt_name is not None else model.default_prompt_name
+        prompt = model.prompts.get(name, "") if name else ""
+        if prompt:
+            texts = [prompt + t for t in texts]
+        tokens = model.tokenizer.encode(texts, req.truncate, req.truncation_direction, req.param)
+        if prompt and not model.include_prompt:
+            plen = model.tokenizer.prompt_length(prompt)
+            tokens = [Tokens(t.ids, t.type_ids, plen) for t in tokens]
+        return tokens
+
+    @staticmethod
+    def _finish(pooled: np.ndarray, req: EmbedRequest, model: ServedModel) -> np.ndarray:
+        vectors = pooled
+        normalize = model.normalizes if req.normalize is None else req.normalize
+        if req.dimensions is not None and req.dimensions < model.dimension:
+            vectors = vectors[:, : req.dimensions]
+            normalize = req.normalize is not False
+        if normalize:
+            vectors = l2_normalize(vectors)
+        return np.ascontiguousarray(vectors, dtype=np.float32)

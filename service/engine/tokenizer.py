@@ -1,0 +1,88 @@
+"""Tokenization with the model's own fast tokenizer, run off the inference thread.
+
+The `tokenizers` library releases the GIL, so requests are tokenized on a small pool of threads
+while the batcher's thread runs the model: the two overlap instead of taking turns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from .. import errors
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """One input, ready for the model: ids with special tokens, after truncation."""
+
+    ids: np.ndarray  # int64
+    type_ids: np.ndarray  # int64
+    # Leading tokens that belong to the prompt (for pooling with include_prompt=False); 0 otherwise.
+    prompt_length: int = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class TextTokenizer:
+    def __init__(self, tokenizer: Tokenizer, max_seq_length: int, vocab_size: int) -> None:
+        self.max_seq_length = max_seq_length
+        self.vocab_size = vocab_size
+        self.pad_id = tokenizer.padding["pad_id"] if tokenizer.padding else 0
+        self.special_count = tokenizer.num_special_tokens_to_add(is_pair=False)
+        # One configured copy per truncation side: the settings are per object, and objects are shared by threads.
+        self._variants: dict[str, Tokenizer] = {}
+        for side in ("right", "left", "none"):
+            tok = Tokenizer.from_str(tokenizer.to_str())
+            tok.no_padding()
+            if side == "none":
+                tok.no_truncation()
+            else:
+                tok.enable_truncation(max_seq_length, direction=side)
+            self._variants[side] = tok
+
+    def encode(self, texts: list[str], truncate: bool, direction: str = "right", param: str = "input") -> list[Tokens]:
+        """Tokenizes `texts`; an input over the model's limit is cut from `direction` or refused."""
+        tok = self._variants[direction]
+        encodings = tok.encode_batch(texts) if len(texts) > 1 else [tok.encode(texts[0])]
+        out = []
+        for i, enc in enumerate(encodings):
+            if enc.overflowing and not truncate:
+                full = len(self._variants["none"].encode(texts[i]).ids)
+                raise errors.invalid_argument(
+                    f"Input {i} is {full} tokens long; this model reads at most {self.max_seq_length} tokens. "
+                    "Shorten it or ask for truncation.",
+                    param=param,
+                    reason="context_length_exceeded",
+                )
+            out.append(Tokens(np.asarray(enc.ids, dtype=np.int64), np.asarray(enc.type_ids, dtype=np.int64)))
+        return out
+
+    def from_ids(self, sequences: list[list[int]], truncate: bool, direction: str = "right", param: str = "input") -> list[Tokens]:
+        """Token ids given by the caller, used as they are (no special tokens added), as other servers do."""
+        out = []
+        for i, ids in enumerate(sequences):
+            if not ids:
+                raise errors.invalid_argument(f"Input {i} is an empty list of tokens.", param=param)
+            arr = np.asarray(ids, dtype=np.int64)
+            if arr.min() < 0 or arr.max() >= self.vocab_size:
+                raise errors.invalid_argument(
+                    f"Input {i} holds a token id outside this model's vocabulary [0, {self.vocab_size}).", param=param
+                )
+            if len(arr) > self.max_seq_length:
+                if not truncate:
+                    raise errors.invalid_argument(
+                        f"Input {i} is {len(arr)} tokens long; this model reads at most {self.max_seq_length} tokens.",
+                        param=param,
+                        reason="context_length_exceeded",
+                    )
+                arr = arr[-self.max_seq_length :] if direction == "left" else arr[: self.max_seq_length]
+            out.append(Tokens(arr, np.zeros_like(arr)))
+        return out
+
+    def prompt_length(self, prompt: str) -> int:
+        """Tokens a prompt adds in front (with the leading special token), as sentence-transformers counts them."""
+        return len(self._variants["right"].encode(prompt).ids) - 1

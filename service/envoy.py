@@ -1,0 +1,231 @@
+"""Envoy's configuration, rendered from the service's own configuration so the two cannot disagree.
+
+`python -m service.envoy [--config FILE] > envoy.yaml` writes it; the committed `envoy.yaml` is the
+rendering of the defaults (a test keeps it current), and `service.run` and the tests render their own
+with the ports they use.
+
+One listener takes both REST (transcoded to gRPC by the JSON transcoder) and native gRPC (passed
+through). Error bodies: the server puts each dialect's own body in the `x-error-body` metadata and the
+Lua filter swaps it in for the transcoder's `google.rpc.Status`; Envoy's own replies (malformed JSON,
+unknown route, body too large, no upstream) are shaped per route by `local_reply_config`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import Config, load
+from .errors import ERROR_BODY_HEADER
+
+REST_MARK = "x-embed-rest"
+ROOT = Path(__file__).resolve().parents[1]
+DESCRIPTOR = ROOT / "gen" / "descriptor.pb"
+
+
+@dataclass(frozen=True)
+class DialectRoutes:
+    """Paths of one dialect (REST and gRPC method prefixes) and the body of Envoy's own error replies there."""
+
+    name: str
+    prefixes: tuple[str, ...]
+    body: dict[str, Any]
+
+
+# The gRPC services the transcoder exposes.
+SERVICES = ["ai.inworld.embedding.v1alpha.EmbeddingService"]
+
+# Local replies on routes not listed here (Inworld's, unknown paths) are google.rpc.Status JSON.
+DIALECT_ROUTES: list[DialectRoutes] = []
+
+# google.rpc.Code for the HTTP statuses Envoy answers by itself.
+GRPC_CODE_FOR_HTTP = {400: 3, 401: 16, 403: 7, 404: 5, 405: 12, 413: 3, 429: 8, 500: 13, 501: 12, 503: 14, 504: 4}
+
+# Marks REST requests (before the transcoder turns them into gRPC) so Envoy's own error replies can be
+# shaped per dialect for them and left alone for native gRPC callers; on the way back, swaps the server's
+# error-body metadata in as the body and drops gRPC's headers from JSON responses.
+LUA = f"""
+function envoy_on_request(handle)
+  local ctype = handle:headers():get("content-type") or ""
+  if string.find(ctype, "application/grpc", 1, true) ~= 1 then
+    handle:headers():replace("{REST_MARK}", "1")
+  end
+end
+
+function envoy_on_response(handle)
+  local headers = handle:headers()
+  local ctype = headers:get("content-type") or ""
+  if string.find(ctype, "application/grpc", 1, true) == 1 then
+    return
+  end
+  headers:remove("grpc-status")
+  headers:remove("grpc-message")
+  headers:remove("grpc-accept-encoding")
+  headers:remove("grpc-status-details-bin")
+  local body = headers:get("{ERROR_BODY_HEADER}")
+  if body == nil then
+    return
+  end
+  headers:remove("{ERROR_BODY_HEADER}")
+  headers:replace("content-type", "application/json")
+  local buffered = handle:body(true)
+  if buffered ~= nil then
+    buffered:setBytes(body)
+  end
+end
+"""
+
+
+def _not_grpc() -> dict[str, Any]:
+    return {"header_filter": {"header": {"name": REST_MARK, "present_match": True}}}
+
+
+def _paths(prefixes: tuple[str, ...]) -> dict[str, Any]:
+    filters = [{"header_filter": {"header": {"name": ":path", "string_match": {"prefix": p}}}} for p in prefixes]
+    return filters[0] if len(filters) == 1 else {"or_filter": {"filters": filters}}
+
+
+def local_reply_config() -> dict[str, Any]:
+    mappers = []
+    for dialect in DIALECT_ROUTES:
+        mappers.append(
+            {
+                "filter": {"and_filter": {"filters": [_not_grpc(), _paths(dialect.prefixes)]}},
+                "body_format_override": {"json_format": dialect.body},
+            }
+        )
+    for http, code in GRPC_CODE_FOR_HTTP.items():
+        mappers.append(
+            {
+                "filter": {"and_filter": {"filters": [_not_grpc(), {"status_code_filter": {"comparison": {"op": "EQ", "value": {"default_value": http, "runtime_key": f"local_reply.code_{http}"}}}}]}},
+                "body_format_override": {"json_format": {"code": code, "message": "%LOCAL_REPLY_BODY%", "details": []}},
+            }
+        )
+    mappers.append(
+        {"filter": _not_grpc(), "body_format_override": {"json_format": {"code": 2, "message": "%LOCAL_REPLY_BODY%", "details": []}}}
+    )
+    return {"mappers": mappers}
+
+
+def render(config: Config, upstreams: list[tuple[str, int]] | None = None, descriptor: Path | str = DESCRIPTOR) -> dict[str, Any]:
+    """The Envoy bootstrap for `config`, forwarding to `upstreams` (default: the configured gRPC server)."""
+    env = config.envoy
+    upstreams = upstreams or [(config.server.host if config.server.host not in ("0.0.0.0", "::") else "127.0.0.1", config.server.grpc_port)]
+    timeout = f"{env.route_timeout_seconds:g}s"
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "embeddings",
+        # HTTP/1.1 for REST clients and h2c for native gRPC callers, on the one port.
+        "codec_type": "AUTO",
+        "generate_request_id": True,
+        "route_config": {
+            "name": "embeddings",
+            "virtual_hosts": [
+                {
+                    "name": "embeddings",
+                    "domains": ["*"],
+                    # After transcoding every path is a gRPC method path: one route serves all.
+                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "embedding_grpc", "timeout": timeout, "max_stream_duration": {"grpc_timeout_header_max": timeout}}}],
+                }
+            ],
+        },
+        "local_reply_config": local_reply_config(),
+        "http_filters": [
+            # Listed before the transcoder, so it sees responses after the transcoder made them JSON.
+            {
+                "name": "envoy.filters.http.lua",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+                    "default_source_code": {"inline_string": LUA},
+                },
+            },
+            # The transcoder streams a large body through instead of refusing it: this makes the limit real (413).
+            {
+                "name": "envoy.filters.http.buffer",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
+                    "max_request_bytes": env.max_request_bytes,
+                },
+            },
+            {
+                "name": "envoy.filters.http.grpc_json_transcoder",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
+                    "proto_descriptor": str(descriptor),
+                    "services": SERVICES,
+                    "print_options": {
+                        "add_whitespace": False,
+                        # `"index": 0`, `"tokenCount": 0`: every field present, as clients expect.
+                        "always_print_primitive_fields": True,
+                        "always_print_enums_as_ints": False,
+                        # Inworld's JSON is camelCase (serviceProvider, tokenCount), as grpc-gateway prints it.
+                        "preserve_proto_field_names": False,
+                    },
+                    "convert_grpc_status": True,
+                    "request_validation_options": {"reject_unknown_method": True, "reject_unknown_query_parameters": False},
+                    "ignore_unknown_query_parameters": True,
+                    # `/v1/models/a%2Fb` (the OpenAI SDK escapes slashes in ids) must reach us as `a/b`.
+                    "url_unescape_spec": "ALL_CHARACTERS",
+                    "max_request_body_size": env.max_request_bytes,
+                    "max_response_body_size": env.max_response_bytes,
+                },
+            },
+            {"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
+        ],
+    }
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": env.admin_port}}},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "embeddings",
+                    "address": {"socket_address": {"address": env.listen_host, "port_value": env.listen_port}},
+                    "per_connection_buffer_limit_bytes": 1024 * 1024,
+                    "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
+                }
+            ],
+            "clusters": [
+                {
+                    "name": "embedding_grpc",
+                    "type": "STATIC",
+                    "connect_timeout": "1s",
+                    "lb_policy": "ROUND_ROBIN",
+                    "typed_extension_protocol_options": {
+                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                            "explicit_http_config": {"http2_protocol_options": {}},
+                        }
+                    },
+                    "load_assignment": {
+                        "cluster_name": "embedding_grpc",
+                        "endpoints": [
+                            {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": h, "port_value": p}}}} for h, p in upstreams]}
+                        ],
+                    },
+                }
+            ],
+        },
+    }
+
+
+def dump(doc: dict[str, Any]) -> str:
+    header = "# Generated by `python -m service.envoy` from the service configuration; do not edit by hand.\n"
+    return header + yaml.safe_dump(doc, sort_keys=False, width=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m service.envoy", description="Print the Envoy configuration.")
+    p.add_argument("--config", help="the service's YAML configuration")
+    p.add_argument("--descriptor", default="gen/descriptor.pb", help="path Envoy reads the descriptor set from")
+    args = p.parse_args(argv)
+    sys.stdout.write(dump(render(load(args.config), descriptor=args.descriptor)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

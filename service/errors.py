@@ -1,0 +1,189 @@
+"""One mapping of failures to a gRPC status and to each dialect's own error body.
+
+Everything that can go wrong in a request is raised as a `ServiceError`. The servicers turn it into a
+`google.rpc.Status` (code, message, typed details) for gRPC callers; for REST dialects whose error shape
+is not `google.rpc.Status`, the body that dialect's clients expect is rendered here too and travels as
+the `x-error-body` metadata, which Envoy's Lua filter swaps in for the transcoder's body. No dialect
+writes its own error JSON, so every route reports the same failure the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import grpc
+import orjson
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+DOMAIN = "embedding-service"
+ERROR_BODY_HEADER = "x-error-body"
+
+# The HTTP status Envoy's transcoder (and grpc-gateway) gives each gRPC code; used where a body repeats it.
+HTTP_STATUS = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNKNOWN: 500,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DATA_LOSS: 500,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+}
+
+# OpenAI's `error.type` by HTTP status (the values its API and SDKs use).
+_OPENAI_TYPE = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    429: "rate_limit_exceeded",
+    503: "server_error",
+    504: "server_error",
+}
+
+# Text Embeddings Inference's `error_type`, which Hugging Face clients show beside `error`.
+_HF_TYPE = {400: "Validation", 401: "Unauthorized", 404: "NotFound", 413: "Validation", 429: "Overloaded", 503: "Unhealthy"}
+
+
+@dataclass
+class ServiceError(Exception):
+    """A failure with everything each dialect needs to report it."""
+
+    code: grpc.StatusCode
+    message: str
+    # Machine-readable cause, e.g. MODEL_NOT_FOUND (google.rpc.ErrorInfo.reason, OpenAI `code`).
+    reason: str = ""
+    # The request field at fault (google.rpc.BadRequest, OpenAI `param`).
+    param: str | None = None
+    # Seconds a caller should wait before retrying (RetryInfo, `Retry-After`).
+    retry_after: float | None = None
+    # HF's `estimated_time` for a model still loading.
+    estimated_time: float | None = None
+    # For NOT_FOUND: the kind and name of what is missing (google.rpc.ResourceInfo).
+    resource: tuple[str, str] | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__init__(self.message)
+
+    @property
+    def http_status(self) -> int:
+        return HTTP_STATUS.get(self.code, 500)
+
+    def __str__(self) -> str:  # dataclass repr would hide the message in logs
+        return f"{self.code.name}: {self.message}"
+
+
+def invalid_argument(message: str, param: str | None = None, reason: str = "INVALID_ARGUMENT") -> ServiceError:
+    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message, reason=reason, param=param)
+
+
+def model_not_found(name: str, available: list[str]) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.NOT_FOUND,
+        f"The model `{name}` does not exist. Available models: {', '.join(available)}",
+        reason="model_not_found",
+        param="model",
+        resource=("model", name),
+    )
+
+
+def model_loading(name: str, estimated_time: float) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.UNAVAILABLE,
+        f"Model {name} is currently loading",
+        reason="MODEL_LOADING",
+        retry_after=max(1.0, estimated_time),
+        estimated_time=round(max(0.0, estimated_time), 1),
+    )
+
+
+def internal(message: str = "Unexpected internal server error occurred") -> ServiceError:
+    return ServiceError(grpc.StatusCode.INTERNAL, message, reason="INTERNAL")
+
+
+# ---------------------------------------------------------------------------------------------
+# gRPC: google.rpc.Status with typed details
+
+
+def to_rpc_status(err: ServiceError) -> status_pb2.Status:
+    details = []
+    info = error_details_pb2.ErrorInfo(reason=err.reason or err.code.name, domain=DOMAIN, metadata=err.metadata)
+    details.append(info)
+    if err.param and err.code == grpc.StatusCode.INVALID_ARGUMENT:
+        details.append(
+            error_details_pb2.BadRequest(
+                field_violations=[error_details_pb2.BadRequest.FieldViolation(field=err.param, description=err.message)]
+            )
+        )
+    if err.resource:
+        details.append(
+            error_details_pb2.ResourceInfo(resource_type=err.resource[0], resource_name=err.resource[1], description=err.message)
+        )
+    if err.retry_after is not None:
+        secs = math.ceil(err.retry_after)
+        details.append(error_details_pb2.RetryInfo(retry_delay={"seconds": secs}))
+    packed = []
+    for d in details:
+        a = any_pb2.Any()
+        a.Pack(d)
+        packed.append(a)
+    return status_pb2.Status(code=err.code.value[0], message=err.message, details=packed)
+
+
+def trailing_metadata(err: ServiceError, dialect: str) -> tuple[tuple[str, str | bytes], ...]:
+    """What travels with the status: rich details, Retry-After, and the dialect's own body for Envoy."""
+    md: list[tuple[str, str | bytes]] = [("grpc-status-details-bin", to_rpc_status(err).SerializeToString())]
+    if err.retry_after is not None:
+        md.append(("retry-after", str(math.ceil(err.retry_after))))
+    body = render_body(err, dialect)
+    if body is not None:
+        md.append((ERROR_BODY_HEADER, body.decode("ascii")))
+    return tuple(md)
+
+
+# ---------------------------------------------------------------------------------------------
+# REST: each dialect's own body. JSON is kept ASCII (escaped) so it can travel as gRPC metadata.
+
+_ASCII = orjson.OPT_NON_STR_KEYS
+
+
+def _dumps(obj: object) -> bytes:
+    # orjson writes UTF-8; gRPC metadata must be printable ASCII, so escape the rest as \uXXXX.
+    text = orjson.dumps(obj, option=_ASCII).decode("utf-8")
+    return text.encode("ascii", "backslashreplace").replace(b"\\x", b"\\u00") if not text.isascii() else text.encode()
+
+
+def render_body(err: ServiceError, dialect: str) -> bytes | None:
+    """The error body `dialect`'s clients expect, or None where google.rpc.Status JSON is the shape."""
+    status = err.http_status
+    if dialect in ("openai", "aigne"):
+        return _dumps(
+            {
+                "error": {
+                    "message": err.message,
+                    "type": _OPENAI_TYPE.get(status, "invalid_request_error" if status < 500 else "server_error"),
+                    "param": err.param,
+                    "code": err.reason.lower() if err.reason else None,
+                }
+            }
+        )
+    if dialect == "huggingface":
+        body: dict[str, object] = {"error": err.message, "error_type": _HF_TYPE.get(status, "Backend")}
+        if err.estimated_time is not None:
+            body["estimated_time"] = err.estimated_time
+        return _dumps(body)
+    if dialect == "hrflow":
+        return _dumps({"code": status, "message": err.message})
+    return None

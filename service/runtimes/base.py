@@ -1,0 +1,29 @@
+"""The interface every runtime implements, so the engine never knows which one it drives."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+
+class Runtime(ABC):
+    """Runs the transformer of one model: padded token ids in, per-token embeddings out.
+
+    Pooling, normalization and everything after stay in the engine, so a runtime is only the
+    expensive part and each runtime is checked against the same fp32 reference.
+    """
+
+    #: e.g. "torch", "onnx"
+    name: str
+    #: "fp32", "bf16" or "int8"
+    precision: str
+    #: width of the token embeddings
+    hidden_size: int
+
+    @abstractmethod
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None) -> np.ndarray:
+        """[batch, seq] int64 arrays in; [batch, seq, hidden] float32 token embeddings out."""
+
+    def describe(self) -> str:
+        return f"{self.name}/{self.precision}"

@@ -1,0 +1,99 @@
+"""Wiring only: builds the engine, registers every servicer, health and reflection, serves, drains."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ai.inworld.embedding.v1alpha import embedding_service_pb2 as inworld_pb
+from ai.inworld.embedding.v1alpha import embedding_service_pb2_grpc as inworld_grpc
+
+from .config import Config
+from .dialects import inworld
+from .engine.cache import EmbeddingCache
+from .engine.models import ModelRegistry, ServedModel
+from .engine.pipeline import Embedder
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = [inworld_pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name]
+# Big enough for the largest batch accepted (2048 inputs) in and out.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class EmbeddingServer:
+    """The gRPC server and everything it owns; `start` returns once it listens, models load behind it."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.health = health.aio.HealthServicer()
+        self.registry = ModelRegistry(config.models, config.limits, on_ready=self._model_ready)
+        self.cache = EmbeddingCache(config.cache.max_bytes)
+        # Tokenization runs here, beside (not on) the event loop and the batcher threads.
+        self.executor = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 2), thread_name_prefix="tokenize")
+        self.embedder = Embedder(self.registry, config.limits, self.cache, self.executor)
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        self.port = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> int:
+        self._loop = asyncio.get_running_loop()
+        inworld_grpc.add_EmbeddingServiceServicer_to_server(inworld.InworldServicer(self.embedder), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection([*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
+        for name in ["", *SERVICE_NAMES]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        address = f"{self.config.server.host}:{self.config.server.grpc_port}"
+        self.port = self.server.add_insecure_port(address)
+        if not self.port:
+            raise OSError(f"cannot listen on {address}")
+        await self.server.start()
+        log.info("listening", extra={"grpc": f"{self.config.server.host}:{self.port}"})
+        self.registry.start()
+        return self.port
+
+    def _model_ready(self, model: ServedModel) -> None:
+        """Called from the loader thread: the server is SERVING once its default model is."""
+        assert self._loop is not None
+        names = [f"model:{model.id}"]
+        if model.id == self.registry.default_id:
+            names += ["", *SERVICE_NAMES]
+        for name in names:
+            asyncio.run_coroutine_threadsafe(self.health.set(name, health_pb2.HealthCheckResponse.SERVING), self._loop)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drains: health goes NOT_SERVING, new calls are refused, in-flight ones get `grace` seconds."""
+        grace = self.config.server.grace_seconds if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        log.info("draining", extra={"grace_seconds": grace})
+        await self.server.stop(grace)
+        self.registry.stop()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        log.info("stopped")
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def serve(config: Config) -> None:
+    server = EmbeddingServer(config)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop()

@@ -1,0 +1,149 @@
+"""The batcher's policy: token budget, length-sorted batches, anchor on the oldest, order, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from service.engine.batcher import Batcher, Job
+from service.engine.tokenizer import Tokens
+from service.runtimes.base import Runtime
+
+
+class GatedRuntime(Runtime):
+    """A stand-in transformer whose output encodes its input ids, and which can be held at a gate.
+
+    The batcher is the unit under test here: this lets a test queue work while the thread is busy and see
+    exactly which inputs each forward pass received.
+    """
+
+    name, precision, hidden_size = "gated", "fp32", 2
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.gate.set()
+        self.batches: list[tuple[int, int, list[int]]] = []  # (rows, longest, first ids)
+        self.entered = threading.Event()
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        self.entered.set()
+        self.gate.wait(10)
+        self.batches.append((input_ids.shape[0], input_ids.shape[1], input_ids[:, 0].tolist()))
+        out = np.zeros((*input_ids.shape, 2), dtype=np.float32)
+        out[:, :, 0] = input_ids  # token embedding = its id
+        out[:, :, 1] = attention_mask.sum(axis=1, keepdims=True)
+        return out
+
+
+def first_token_head(token_embeddings, mask, prompt_lengths):
+    return token_embeddings[:, 0, :].copy()
+
+
+def tokens(first_id: int, length: int) -> Tokens:
+    ids = np.full(length, 7, dtype=np.int64)
+    ids[0] = first_id
+    return Tokens(ids, np.zeros(length, dtype=np.int64))
+
+
+@pytest.fixture
+def runtime():
+    return GatedRuntime()
+
+
+@pytest.fixture
+def batcher(runtime):
+    b = Batcher("test", runtime, first_token_head, 2, 0, max_batch_tokens=64, max_batch_size=8)
+    b.start()
+    yield b
+    runtime.gate.set()
+    b.stop(5)
+
+
+async def hold_worker(batcher, runtime, loop):
+    """Occupies the batcher thread with one input so that the next submissions queue up together."""
+    runtime.gate.clear()
+    blocker = Job([tokens(999, 1)], False, loop)
+    batcher.submit(blocker)
+    await loop.run_in_executor(None, runtime.entered.wait, 5)
+    return blocker
+
+
+async def test_a_lone_request_runs_at_once_and_keeps_order(batcher, runtime):
+    loop = asyncio.get_running_loop()
+    job = Job([tokens(1, 3), tokens(2, 5), tokens(3, 2)], False, loop)
+    batcher.submit(job)
+    await asyncio.wait_for(job.future, 5)
+    assert job.pooled[:, 0].tolist() == [1, 2, 3]  # reassembled in input order
+    assert job.pooled[:, 1].tolist() == [3, 5, 2]  # each row saw its own length
+    assert len(runtime.batches) == 1
+
+
+async def test_batches_respect_budget_and_group_similar_lengths(batcher, runtime):
+    loop = asyncio.get_running_loop()
+    blocker = await hold_worker(batcher, runtime, loop)
+    # Two requests, interleaved short and long inputs.
+    lengths = [2, 30, 3, 28, 2, 31, 4, 29]
+    a = Job([tokens(100 + i, n) for i, n in enumerate(lengths[:4])], False, loop)
+    b = Job([tokens(200 + i, n) for i, n in enumerate(lengths[4:])], False, loop)
+    batcher.submit(a)
+    batcher.submit(b)
+    runtime.gate.set()
+    await asyncio.wait_for(asyncio.gather(blocker.future, a.future, b.future), 5)
+    for rows, longest, _ in runtime.batches[1:]:
+        assert rows * longest <= 64  # the token budget counts padding
+    # Short inputs travel together, long ones together: no batch mixes a 2-token and a 30-token text.
+    for _, longest, firsts in runtime.batches[1:]:
+        lens = [dict(zip([100, 101, 102, 103, 200, 201, 202, 203], lengths))[f] for f in firsts]
+        assert max(lens) - min(lens) <= 3, runtime.batches
+    assert a.pooled[:, 0].tolist() == [100, 101, 102, 103]
+    assert b.pooled[:, 0].tolist() == [200, 201, 202, 203]
+
+
+async def test_a_large_request_spreads_over_batches(batcher, runtime):
+    loop = asyncio.get_running_loop()
+    job = Job([tokens(i, 10) for i in range(40)], False, loop)
+    batcher.submit(job)
+    await asyncio.wait_for(job.future, 5)
+    assert len(runtime.batches) >= 7  # 64-token budget: at most 6 ten-token inputs per batch
+    assert job.pooled[:, 0].tolist() == list(range(40))
+
+
+async def test_cancelled_requests_are_never_computed(batcher, runtime):
+    loop = asyncio.get_running_loop()
+    blocker = await hold_worker(batcher, runtime, loop)
+    doomed = Job([tokens(500 + i, 4) for i in range(5)], False, loop)
+    kept = Job([tokens(600, 4)], False, loop)
+    batcher.submit(doomed)
+    batcher.submit(kept)
+    doomed.cancelled = True
+    runtime.gate.set()
+    await asyncio.wait_for(asyncio.gather(blocker.future, kept.future), 5)
+    computed = [f for _, _, firsts in runtime.batches for f in firsts]
+    assert 600 in computed
+    assert not any(500 <= f < 505 for f in computed)
+    assert batcher.queued_inputs == 0 and batcher.queued_tokens == 0
+
+
+async def test_expired_requests_fail_with_deadline_exceeded(batcher, runtime):
+    loop = asyncio.get_running_loop()
+    blocker = await hold_worker(batcher, runtime, loop)
+    late = Job([tokens(700, 4)], False, loop, deadline=time.monotonic() - 1)
+    batcher.submit(late)
+    runtime.gate.set()
+    with pytest.raises(Exception) as e:
+        await asyncio.wait_for(late.future, 5)
+    assert "deadline" in str(e.value)
+    await blocker.future
+    assert 700 not in [f for _, _, firsts in runtime.batches for f in firsts]
+
+
+async def test_token_embeddings_are_returned_unpadded(batcher):
+    loop = asyncio.get_running_loop()
+    job = Job([tokens(1, 3), tokens(2, 6)], True, loop)
+    batcher.submit(job)
+    await asyncio.wait_for(job.future, 5)
+    assert [t.shape for t in job.token_embeddings] == [(3, 2), (6, 2)]

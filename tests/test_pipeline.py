@@ -1,0 +1,146 @@
+"""The core pipeline in process, on the real model, against `SentenceTransformer.encode`."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from service import errors
+from service.config import Config
+from service.engine.cache import EmbeddingCache
+from service.engine.models import ModelRegistry
+from service.engine.pipeline import EmbedRequest, Embedder
+
+TEXTS = [
+    "Hello Inworld!",
+    "A much longer sentence about embeddings, batching and the cost of padding on a CPU.",
+    "短い日本語の文です。",
+    "ok",
+    " ".join(["padding"] * 300),  # longer than the model's 256 tokens: truncated like sentence-transformers
+    "Emoji 🙂 and accents: café, naïve, Zürich.",
+]
+
+
+@pytest.fixture(scope="module")
+def registry():
+    cfg = Config().validate()
+    reg = ModelRegistry(cfg.models, cfg.limits)
+    reg.load_now()
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture
+def embedder(registry):
+    cfg = Config().validate()
+    with ThreadPoolExecutor(2) as pool:
+        yield Embedder(registry, cfg.limits, EmbeddingCache(cfg.cache.max_bytes), pool)
+
+
+async def test_vectors_equal_sentence_transformers_in_order(embedder, reference):
+    result = await embedder.embed(EmbedRequest(inputs=TEXTS))
+    want = reference.encode(TEXTS)
+    assert result.vectors.shape == want.shape
+    assert np.abs(result.vectors - want).max() <= 1e-5
+    assert result.model == "sentence-transformers/all-MiniLM-L6-v2"
+    want_tokens = [len(reference.tokenizer(t, truncation=True, max_length=256)["input_ids"]) for t in TEXTS]
+    assert result.token_counts == want_tokens
+
+
+async def test_concurrent_requests_get_their_own_vectors(embedder, reference):
+    want = reference.encode(TEXTS)
+    results = await asyncio.gather(*[embedder.embed(EmbedRequest(inputs=[t], use_cache=False)) for t in TEXTS * 3])
+    for i, r in enumerate(results):
+        assert np.abs(r.vectors[0] - want[i % len(TEXTS)]).max() <= 1e-5
+
+
+async def test_unnormalized_is_the_raw_pooled_vector(embedder, reference):
+    from sentence_transformers import SentenceTransformer
+
+    raw_model = SentenceTransformer(modules=[reference[0], reference[1]], device="cpu")
+    result = await embedder.embed(EmbedRequest(inputs=TEXTS[:3], normalize=False))
+    assert np.abs(result.vectors - raw_model.encode(TEXTS[:3])).max() <= 1e-5
+    assert not np.allclose(np.linalg.norm(result.vectors, axis=1), 1.0)
+
+
+async def test_dimensions_truncate_and_renormalize(embedder, reference):
+    result = await embedder.embed(EmbedRequest(inputs=TEXTS[:2], dimensions=64))
+    full = reference.encode(TEXTS[:2])[:, :64]
+    want = full / np.linalg.norm(full, axis=1, keepdims=True)
+    assert result.vectors.shape == (2, 64)
+    assert np.abs(result.vectors - want).max() <= 1e-5
+
+
+async def test_over_long_input_refused_when_not_truncating(embedder, reference):
+    with pytest.raises(errors.ServiceError) as e:
+        await embedder.embed(EmbedRequest(inputs=[TEXTS[4]], truncate=False))
+    assert e.value.code.name == "INVALID_ARGUMENT"
+    full = len(reference.tokenizer(TEXTS[4])["input_ids"])
+    assert f"{full} tokens" in e.value.message and "256" in e.value.message
+
+
+async def test_left_truncation_keeps_the_end(embedder, reference):
+    text = "start " * 300 + "the very end of the text"
+    result = await embedder.embed(EmbedRequest(inputs=[text], truncation_direction="left"))
+    tok = reference.tokenizer
+    ids = tok(text, add_special_tokens=False)["input_ids"][-254:]
+    tail = tok.decode(ids)
+    assert np.abs(result.vectors[0] - reference.encode(tail)).max() <= 1e-4
+    assert result.token_counts == [256]
+
+
+async def test_token_id_inputs_are_used_as_given(embedder, reference):
+    ids = reference.tokenizer("Hello Inworld!")["input_ids"]  # with [CLS] ... [SEP]
+    result = await embedder.embed(EmbedRequest(inputs=[ids]))
+    assert np.abs(result.vectors[0] - reference.encode("Hello Inworld!")).max() <= 1e-5
+    with pytest.raises(errors.ServiceError):
+        await embedder.embed(EmbedRequest(inputs=[[1, 2, 10**9]]))
+
+
+async def test_cache_hits_give_identical_vectors(embedder):
+    first = await embedder.embed(EmbedRequest(inputs=TEXTS[:3]))
+    second = await embedder.embed(EmbedRequest(inputs=TEXTS[:3]))
+    assert first.cache_hits == 0 and second.cache_hits == 3
+    assert np.array_equal(first.vectors, second.vectors)
+    bypass = await embedder.embed(EmbedRequest(inputs=TEXTS[:3], use_cache=False))
+    assert bypass.cache_hits == 0
+    assert embedder.cache.hit_rate > 0
+
+
+def test_cache_is_bounded_by_memory():
+    cache = EmbeddingCache(max_bytes=10_000)
+    for i in range(100):
+        cache.put(EmbeddingCache.key("m", np.array([i]), 0), np.zeros(384, dtype=np.float32))
+    assert cache.bytes <= 10_000
+    assert 0 < len(cache) < 100
+    assert cache.get(EmbeddingCache.key("m", np.array([99]), 0)) is not None  # newest kept
+    assert cache.get(EmbeddingCache.key("m", np.array([0]), 0)) is None  # oldest evicted
+
+
+@pytest.mark.parametrize(
+    "req, needle",
+    [
+        (EmbedRequest(inputs=[]), "At least one input"),
+        (EmbedRequest(inputs=[""]), "empty string"),
+        (EmbedRequest(inputs=["a"] * 2049), "Too many inputs"),
+        (EmbedRequest(inputs=["a"], dimensions=0), "dimensions"),
+        (EmbedRequest(inputs=["a"], dimensions=385), "dimensions"),
+        (EmbedRequest(inputs=["a"], prompt_name="nope"), "prompt_name"),
+        (EmbedRequest(inputs=["a", ["b"]]), "Input 1"),  # type: ignore[list-item]
+    ],
+)
+async def test_invalid_requests(embedder, req, needle):
+    with pytest.raises(errors.ServiceError) as e:
+        await embedder.embed(req)
+    assert e.value.code.name == "INVALID_ARGUMENT"
+    assert needle in e.value.message
+
+
+async def test_unknown_model_lists_the_served_ones(embedder):
+    with pytest.raises(errors.ServiceError) as e:
+        await embedder.embed(EmbedRequest(inputs=["a"], model="text-embedding-3-small"))
+    assert e.value.code.name == "NOT_FOUND"
+    assert "sentence-transformers/all-MiniLM-L6-v2" in e.value.message
