@@ -14,10 +14,18 @@ export TOKENIZERS_PARALLELISM := false
 run: $(GEN_STAMP)  ## start server + Envoy on the default model (Ctrl-C stops both)
 	$(PY) -m service.run $(ARGS)
 
-test: $(GEN_STAMP)  ## every test, against a real Envoy, a real server and the real model
+test: $(GEN_STAMP) $(HRFLOW_STAMP)  ## every test, against a real Envoy, a real server and the real model
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 venv: $(STAMP)
+
+# The HrFlow SDK lives in its own environment: it installs stray top-level `tests` and `libs` packages.
+HRFLOW_VENV := .venv-hrflow
+HRFLOW_STAMP := $(HRFLOW_VENV)/.installed
+$(HRFLOW_STAMP):
+	@test -x $(HRFLOW_VENV)/bin/python || $(PYTHON) -m venv $(HRFLOW_VENV)
+	$(HRFLOW_VENV)/bin/python -m pip install --quiet hrflow==1.9.0 numpy
+	@touch $@
 
 # torch first and pinned: that build lies on this machine's disk; anything unpinned pulls a CUDA build.
 $(STAMP): pyproject.toml constraints.txt

@@ -51,6 +51,8 @@ class ModelConfig:
     max_seq_length: int = 0
     # Extra named prompts, merged over the folder's own `prompts`.
     prompts: dict[str, str] = field(default_factory=dict)
+    # startup: loaded in the background when the server starts; lazy: on the first request that names it.
+    load: str = "startup"
 
     def resolved_path(self) -> str:
         return self.path or default_model_path()
@@ -89,6 +91,8 @@ class LimitsConfig:
     max_batch_tokens: int = 16384
     # Inputs in one forward pass, whatever their length.
     max_batch_size: int = 256
+    # Dialects that refuse an input over the model's token limit (OpenAI) truncate it instead.
+    auto_truncate: bool = False
 
 
 @dataclass
@@ -127,6 +131,8 @@ class Config:
                 raise ConfigError(f"{where}.runtime: {m.runtime!r} is not one of auto, torch, onnx")
             if m.precision not in ("auto", "fp32", "bf16", "int8"):
                 raise ConfigError(f"{where}.precision: {m.precision!r} is not one of auto, fp32, bf16, int8")
+            if m.load not in ("startup", "lazy"):
+                raise ConfigError(f"{where}.load: {m.load!r} is not one of startup, lazy")
             if m.max_seq_length < 0:
                 raise ConfigError(f"{where}.max_seq_length: must be >= 0")
             if m.path and not Path(m.path).is_dir():
@@ -143,7 +149,7 @@ class Config:
         if self.server.log_format not in ("json", "text"):
             raise ConfigError(f"server.log_format: {self.server.log_format!r} is not one of json, text")
         for key, value in dataclasses.asdict(self.limits).items():
-            if value < 1:
+            if not isinstance(value, bool) and value < 1:
                 raise ConfigError(f"limits.{key}: must be >= 1, not {value}")
         if self.cache.max_bytes < 0:
             raise ConfigError("cache.max_bytes: must be >= 0")

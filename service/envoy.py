@@ -38,10 +38,33 @@ class DialectRoutes:
 
 
 # The gRPC services the transcoder exposes.
-SERVICES = ["ai.inworld.embedding.v1alpha.EmbeddingService"]
+SERVICES = [
+    "ai.inworld.embedding.v1alpha.EmbeddingService",
+    "embedding.dialects.v1.OpenAI",
+    "embedding.dialects.v1.HuggingFace",
+    "embedding.dialects.v1.HrFlow",
+]
 
-# Local replies on routes not listed here (Inworld's, unknown paths) are google.rpc.Status JSON.
-DIALECT_ROUTES: list[DialectRoutes] = []
+# Envoy's own replies (malformed JSON, wrong types, body too large) in each dialect's error shape. A body
+# parse error happens after the transcoder rewrote :path to the gRPC method, hence both prefixes.
+# Routes not listed here (Inworld's, unknown paths) get google.rpc.Status JSON.
+DIALECT_ROUTES: list[DialectRoutes] = [
+    DialectRoutes(
+        "openai",
+        ("/v1/embeddings", "/v1/models", "/api/embeddings", "/embedding.dialects.v1.OpenAI/"),
+        {"error": {"message": "%LOCAL_REPLY_BODY%", "type": "invalid_request_error", "param": None, "code": None}},
+    ),
+    DialectRoutes(
+        "huggingface",
+        ("/models/", "/embedding.dialects.v1.HuggingFace/"),
+        {"error": "%LOCAL_REPLY_BODY%", "error_type": "Validation"},
+    ),
+    DialectRoutes(
+        "hrflow",
+        ("/v1/document/", "/embedding.dialects.v1.HrFlow/"),
+        {"code": "%RESPONSE_CODE%", "message": "%LOCAL_REPLY_BODY%"},
+    ),
+]
 
 # google.rpc.Code for the HTTP statuses Envoy answers by itself.
 GRPC_CODE_FOR_HTTP = {400: 3, 401: 16, 403: 7, 404: 5, 405: 12, 413: 3, 429: 8, 500: 13, 501: 12, 503: 14, 504: 4}

@@ -41,6 +41,7 @@ def result_headers(result: EmbedResult) -> list[tuple[str, str]]:
         ("x-queue-time", f"{t.queue * 1000:.3f}"),
         ("x-inference-time", f"{t.inference * 1000:.3f}"),
         ("x-compute-tokens", str(result.total_tokens)),
+        ("x-cache", "hit" if result.cache_hits == len(result.vectors) else "miss"),
         ("x-model-id", result.model),
     ]
 

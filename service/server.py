@@ -14,16 +14,22 @@ from grpc_reflection.v1alpha import reflection
 
 from ai.inworld.embedding.v1alpha import embedding_service_pb2 as inworld_pb
 from ai.inworld.embedding.v1alpha import embedding_service_pb2_grpc as inworld_grpc
+from embedding.dialects.v1 import hrflow_pb2, hrflow_pb2_grpc, huggingface_pb2, huggingface_pb2_grpc, openai_pb2, openai_pb2_grpc
 
 from .config import Config
-from .dialects import inworld
+from .dialects import hrflow, huggingface, inworld, openai
 from .engine.cache import EmbeddingCache
 from .engine.models import ModelRegistry, ServedModel
 from .engine.pipeline import Embedder
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAMES = [inworld_pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name]
+SERVICE_NAMES = [
+    inworld_pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name,
+    openai_pb2.DESCRIPTOR.services_by_name["OpenAI"].full_name,
+    huggingface_pb2.DESCRIPTOR.services_by_name["HuggingFace"].full_name,
+    hrflow_pb2.DESCRIPTOR.services_by_name["HrFlow"].full_name,
+]
 # Big enough for the largest batch accepted (2048 inputs) in and out.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -51,7 +57,13 @@ class EmbeddingServer:
 
     async def start(self) -> int:
         self._loop = asyncio.get_running_loop()
+        # One servicer per dialect, all over the same embedder.
         inworld_grpc.add_EmbeddingServiceServicer_to_server(inworld.InworldServicer(self.embedder), self.server)
+        openai_pb2_grpc.add_OpenAIServicer_to_server(
+            openai.OpenAIServicer(self.embedder, auto_truncate=self.config.limits.auto_truncate), self.server
+        )
+        huggingface_pb2_grpc.add_HuggingFaceServicer_to_server(huggingface.HuggingFaceServicer(self.embedder), self.server)
+        hrflow_pb2_grpc.add_HrFlowServicer_to_server(hrflow.HrFlowServicer(self.embedder), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
         for name in ["", *SERVICE_NAMES]:

@@ -185,6 +185,7 @@ class ModelRegistry:
         self._on_batch = on_batch
         self._estimate = self.DEFAULT_LOAD_ESTIMATE
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
 
     # -- lookup ---------------------------------------------------------------------------------
 
@@ -215,18 +216,22 @@ class ModelRegistry:
         slot = self._slots[self.resolve(name)]
         if slot.model is not None:
             return slot.model
+        if slot.state == "pending" and slot.config.load == "lazy":
+            self._load_in_background(slot)
         if slot.state == "failed":
             raise errors.ServiceError(
                 errors.grpc.StatusCode.UNAVAILABLE, f"Model {slot.config.id} failed to load: {slot.error}", reason="MODEL_FAILED"
             )
         if not wait:
             raise errors.model_loading(slot.config.id, self._remaining(slot))
-        loop = asyncio.get_running_loop()
-        ok = await loop.run_in_executor(None, slot.ready.wait, timeout)
-        if slot.model is None:
-            if ok:  # woke up because loading failed
-                return await self.get(name, wait=False)
-            raise errors.model_loading(slot.config.id, self._remaining(slot))
+        # Polling keeps the wait cancellable (a caller that goes away stops waiting) and costs nothing here.
+        end = None if timeout is None else time.monotonic() + timeout
+        while not slot.ready.is_set():
+            if end is not None and time.monotonic() >= end:
+                raise errors.model_loading(slot.config.id, self._remaining(slot))
+            await asyncio.sleep(0.05)
+        if slot.model is None:  # loading failed
+            return await self.get(name, wait=False)
         return slot.model
 
     def _remaining(self, slot: _Slot) -> float:
@@ -237,32 +242,45 @@ class ModelRegistry:
     # -- loading --------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Starts loading every model in a background thread; health reports each as it becomes ready."""
-        self._thread = threading.Thread(target=self._load_all, name="model-loader", daemon=True)
+        """Starts loading the `startup` models in a background thread; health reports each as it becomes ready."""
+        self._thread = threading.Thread(target=self._load_startup, name="model-loader", daemon=True)
         self._thread.start()
 
     def load_now(self) -> None:
-        """Loads every model in the calling thread (tests, benchmarks, tools)."""
-        self._load_all()
+        """Loads every `startup` model in the calling thread (tests, benchmarks, tools)."""
+        self._load_startup()
 
-    def _load_all(self) -> None:
+    def _load_startup(self) -> None:
         for slot in self._slots.values():
+            if slot.config.load == "startup":
+                self._load(slot)
+
+    def _load_in_background(self, slot: _Slot) -> None:
+        with self._lock:
             if slot.state != "pending":
-                continue
+                return
             slot.state, slot.started_at = "loading", time.monotonic()
-            try:
-                model = load_model(slot.config, self.limits, self._on_batch)
-                model.batcher.start()
-            except Exception as exc:
-                slot.state, slot.error = "failed", f"{type(exc).__name__}: {exc}"
-                log.error("model failed to load", extra={"model": slot.config.id, "error": slot.error})
-                slot.ready.set()
-                continue
-            self._estimate = model.load_seconds
-            slot.model, slot.state = model, "ready"
+        threading.Thread(target=self._load, args=(slot, True), name=f"load:{slot.config.id}", daemon=True).start()
+
+    def _load(self, slot: _Slot, claimed: bool = False) -> None:
+        if not claimed:
+            with self._lock:
+                if slot.state != "pending":
+                    return
+                slot.state, slot.started_at = "loading", time.monotonic()
+        try:
+            model = load_model(slot.config, self.limits, self._on_batch)
+            model.batcher.start()
+        except Exception as exc:
+            slot.state, slot.error = "failed", f"{type(exc).__name__}: {exc}"
+            log.error("model failed to load", extra={"model": slot.config.id, "error": slot.error})
             slot.ready.set()
-            if self._on_ready:
-                self._on_ready(model)
+            return
+        self._estimate = model.load_seconds
+        slot.model, slot.state = model, "ready"
+        slot.ready.set()
+        if self._on_ready:
+            self._on_ready(model)
 
     def stop(self) -> None:
         for model in self.loaded():

@@ -1,0 +1,91 @@
+"""Hugging Face Inference feature extraction: `POST /models/{model_id}`, a bare array of arrays back.
+
+Defaults follow Text Embeddings Inference, which serves this API: `normalize` true, `truncate` false (an
+over-long input is an error), truncation from the right. `x-use-cache: false` bypasses the cache;
+without `x-wait-for-model: true` a model that is still loading answers 503 with `estimated_time`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from google.api import httpbody_pb2
+from google.protobuf import json_format
+
+from embedding.dialects.v1 import huggingface_pb2 as pb
+from embedding.dialects.v1 import huggingface_pb2_grpc as pb_grpc
+
+from .. import errors, rpc
+from ..engine.pipeline import EmbedRequest, EmbedResult, Embedder
+from .common import flag, json_body, strings, value
+
+DIALECT = "huggingface"
+OPTIONS = ("normalize", "prompt_name", "truncate", "truncation_direction")
+
+
+def _options(request: pb.FeatureExtractionRequest) -> dict[str, Any]:
+    """Top-level options win over the older nested `parameters` form."""
+    opts: dict[str, Any] = {}
+    if request.HasField("parameters"):
+        nested = json_format.MessageToDict(request.parameters)
+        opts.update({k: nested[k] for k in OPTIONS if k in nested})
+    if request.HasField("normalize"):
+        opts["normalize"] = request.normalize
+    if request.HasField("truncate"):
+        opts["truncate"] = request.truncate
+    if request.prompt_name:
+        opts["prompt_name"] = request.prompt_name
+    if request.truncation_direction:
+        opts["truncation_direction"] = request.truncation_direction
+    return opts
+
+
+def _bool(opts: dict[str, Any], key: str, default: bool) -> bool:
+    v = opts.get(key, default)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise errors.invalid_argument(f"'{key}' must be a boolean.", key)
+    return v
+
+
+def to_core(request: pb.FeatureExtractionRequest, headers: dict[str, str], deadline: float | None) -> EmbedRequest:
+    opts = _options(request)
+    direction = opts.get("truncation_direction") or "Right"
+    if not isinstance(direction, str) or direction.lower() not in ("left", "right"):
+        raise errors.invalid_argument(f"'truncation_direction' must be Left or Right; got {direction!r}.", "truncation_direction")
+    prompt_name = opts.get("prompt_name")
+    if prompt_name is not None and not isinstance(prompt_name, str):
+        raise errors.invalid_argument("'prompt_name' must be a string.", "prompt_name")
+    return EmbedRequest(
+        inputs=strings(value(request.inputs) if request.HasField("inputs") else None, "inputs"),
+        model=request.model,
+        normalize=_bool(opts, "normalize", True),
+        truncate=_bool(opts, "truncate", False),
+        truncation_direction=direction.lower(),
+        prompt_name=prompt_name,
+        use_cache=flag(headers.get("x-use-cache")) is not False,
+        wait_for_model=bool(flag(headers.get("x-wait-for-model"))),
+        deadline=deadline,
+        param="inputs",
+    )
+
+
+def to_body(result: EmbedResult) -> httpbody_pb2.HttpBody:
+    # Always an array of arrays, a single string too: [[...]].
+    return json_body(result.vectors)
+
+
+class HuggingFaceServicer(pb_grpc.HuggingFaceServicer):
+    def __init__(self, embedder: Embedder) -> None:
+        self.embedder = embedder
+
+    async def FeatureExtraction(self, request: pb.FeatureExtractionRequest, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:
+        async def work() -> httpbody_pb2.HttpBody:
+            core = to_core(request, rpc.metadata(context), rpc.deadline(context))
+            result = await self.embedder.embed(core)
+            await context.send_initial_metadata(rpc.result_headers(result))
+            return to_body(result)
+
+        return await rpc.handle(context, DIALECT, work)
