@@ -40,7 +40,9 @@ class EmbeddingServer:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.health = health.aio.HealthServicer()
-        self.registry = ModelRegistry(config.models, config.limits, on_ready=self._model_ready)
+        self.registry = ModelRegistry(
+            config.models, config.limits, on_ready=self._model_ready, inference_threads=config.server.inference_threads
+        )
         self.cache = EmbeddingCache(config.cache.max_bytes)
         # Tokenization runs here, beside (not on) the event loop and the batcher threads.
         self.executor = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 2), thread_name_prefix="tokenize")

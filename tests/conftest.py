@@ -18,8 +18,12 @@ from service.launch import Stack  # noqa: E402
 
 
 def stack_config() -> Config:
-    """Defaults, on free loopback ports."""
+    """Defaults on free loopback ports, in fp32: the runtime held to max abs difference ≤ 1e-5.
+
+    The default precision (bf16 where the CPU has it) has its own fidelity bar, tested in test_runtimes.py.
+    """
     cfg = Config()
+    cfg.models[0].precision = "fp32"
     cfg.server.grpc_port = 0
     cfg.envoy.listen_port = 0
     cfg.envoy.admin_port = 0

@@ -29,7 +29,7 @@ class GatedRuntime(Runtime):
         self.batches: list[tuple[int, int, list[int]]] = []  # (rows, longest, first ids)
         self.entered = threading.Event()
 
-    def forward(self, input_ids, attention_mask, token_type_ids):
+    def forward(self, input_ids, attention_mask, token_type_ids, *, alone=True):
         self.entered.set()
         self.gate.wait(10)
         self.batches.append((input_ids.shape[0], input_ids.shape[1], input_ids[:, 0].tolist()))
@@ -147,3 +147,48 @@ async def test_token_embeddings_are_returned_unpadded(batcher):
     batcher.submit(job)
     await asyncio.wait_for(job.future, 5)
     assert [t.shape for t in job.token_embeddings] == [(3, 2), (6, 2)]
+
+
+class TwoStreamRuntime(GatedRuntime):
+    """Two streams: records which passes ran alone and how many ran at once."""
+
+    streams = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.alone_flags: list[bool] = []
+        self.running = 0
+        self.max_running = 0
+        self._lock = threading.Lock()
+
+    def forward(self, input_ids, attention_mask, token_type_ids, *, alone=True):
+        with self._lock:
+            self.running += 1
+            self.max_running = max(self.max_running, self.running)
+            self.alone_flags.append(alone)
+        try:
+            time.sleep(0.02)
+            return super().forward(input_ids, attention_mask, token_type_ids, alone=alone)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+async def test_streams_run_batches_side_by_side_and_a_lone_batch_alone():
+    runtime = TwoStreamRuntime()
+    b = Batcher("streams", runtime, first_token_head, 2, 0, max_batch_tokens=64, max_batch_size=8)
+    b.start()
+    try:
+        loop = asyncio.get_running_loop()
+        lone = Job([tokens(1, 4)], False, loop)
+        b.submit(lone)
+        await asyncio.wait_for(lone.future, 5)
+        assert runtime.alone_flags == [True]  # nothing queued, nothing beside it: all cores
+        busy = Job([tokens(i, 30) for i in range(12)], False, loop)  # 2 per batch: 6 batches
+        b.submit(busy)
+        await asyncio.wait_for(busy.future, 5)
+        assert runtime.max_running == 2  # two streams at once under load
+        assert False in runtime.alone_flags[1:]
+        assert busy.pooled[:, 0].tolist() == list(range(12))
+    finally:
+        b.stop(5)

@@ -19,7 +19,7 @@ LAZY = "lazy/minilm"
 @pytest.fixture(scope="module")
 def lazy_stack(tmp_path_factory):
     cfg = stack_config()
-    cfg.models.append(ModelConfig(id=LAZY, load="lazy", aliases=["text-embedding-3-small"]))
+    cfg.models.append(ModelConfig(id=LAZY, load="lazy", aliases=["text-embedding-3-small"], precision="fp32"))
     with Stack(cfg.validate(), log_dir=tmp_path_factory.mktemp("lazy-logs")) as s:
         yield s
 

@@ -27,6 +27,7 @@ TEXTS = [
 @pytest.fixture(scope="module")
 def registry():
     cfg = Config().validate()
+    cfg.models[0].precision = "fp32"
     reg = ModelRegistry(cfg.models, cfg.limits)
     reg.load_now()
     yield reg

@@ -9,6 +9,8 @@ Why this shape:
 - A large request is just many inputs in the queue: they spread over several batches, interleave with
   other requests' inputs, and are reassembled in order in the request's `Job`.
 - A cancelled or expired request's inputs are dropped before they are computed.
+- A runtime with several streams gets one thread per stream: under load that many batches run at once;
+  a batch with nothing queued behind it and nothing beside it runs `alone`, on every core.
 """
 
 from __future__ import annotations
@@ -110,18 +112,24 @@ class Batcher:
         self._seq = 0
         self._queued_tokens = 0
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name=f"batcher:{name}", daemon=True)
+        self._busy = 0  # forward passes running
+        self._alone = False  # one of them runs alone, on every core: nothing may start beside it
+        self._threads = [
+            threading.Thread(target=self._run, name=f"batcher:{name}:{i}", daemon=True) for i in range(max(1, runtime.streams))
+        ]
 
     # -- event-loop side -------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread.start()
+        for t in self._threads:
+            t.start()
 
     def stop(self, timeout: float | None = None) -> None:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        self._thread.join(timeout)
+        for t in self._threads:
+            t.join(timeout)
 
     @property
     def queued_tokens(self) -> int:
@@ -149,13 +157,24 @@ class Batcher:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._keys and not self._stopping:
+                while (not self._keys or self._alone) and not self._stopping:
                     self._cond.wait()
                 if self._stopping and not self._keys:
                     return
                 batch = self._take_batch()
-            if batch:
-                self._execute(batch)
+                if not batch:
+                    continue
+                alone = self._busy == 0 and not self._keys
+                self._busy += 1
+                self._alone = alone
+            try:
+                self._execute(batch, alone)
+            finally:
+                with self._cond:
+                    self._busy -= 1
+                    if alone:
+                        self._alone = False
+                    self._cond.notify_all()
 
     def _live(self, entry: _Entry, now: float) -> bool:
         job = entry.job
@@ -229,7 +248,7 @@ class Batcher:
                 self._queued_tokens -= k[0]
         self._keys, self._entries = keep_keys, keep_entries
 
-    def _execute(self, batch: list[_Entry]) -> None:
+    def _execute(self, batch: list[_Entry], alone: bool = True) -> None:
         started = time.perf_counter()
         n = len(batch)
         longest = max(e.key[0] for e in batch)
@@ -247,7 +266,7 @@ class Batcher:
             if e.job.started_at is None:
                 e.job.started_at = started
         try:
-            token_embeddings = self.runtime.forward(ids, mask, types)
+            token_embeddings = self.runtime.forward(ids, mask, types, alone=alone)
             pooled = self.head(token_embeddings, mask, prompt_lengths)
         except Exception as exc:  # a failed batch fails its requests, never the thread
             log.exception("forward pass failed", extra={"model": self.name, "batch_size": n, "longest": longest})

@@ -1,15 +1,14 @@
-"""Served models: reading a sentence-transformers folder, loading it in the background, finding it by name.
+"""Served models: loading a sentence-transformers folder in the background, finding it by name.
 
-A folder is read with sentence-transformers itself, so every format it understands (legacy pooling keys,
-prompts, Dense heads) is understood here the same way; from it we keep the tokenizer, the transformer
-(handed to a runtime) and the small post-transformer head, which the engine runs in numpy.
+From the folder (read by `folder.read_folder`) we keep the tokenizer, the transformer (handed to a runtime)
+and the small post-transformer head (pooling, Dense, Normalize), which the engine runs in numpy.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,9 +18,12 @@ import numpy as np
 
 from .. import errors
 from ..config import LimitsConfig, ModelConfig
+from ..runtimes import MODES as RUNTIME_MODES
+from ..runtimes import threads
 from ..runtimes.base import Runtime
 from .batcher import Batcher, BatchStats
-from .pooling import MODES, Dense, pool
+from .folder import FolderError, ModelFolder, read_folder
+from .pooling import pool
 from .tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -49,54 +51,24 @@ class ServedModel:
 
 
 def load_model(
-    config: ModelConfig, limits: LimitsConfig, on_batch: Callable[[str, BatchStats], None] | None = None
+    config: ModelConfig,
+    limits: LimitsConfig,
+    on_batch: Callable[[str, BatchStats], None] | None = None,
+    inference_threads: int = 0,
 ) -> ServedModel:
     """Loads one model folder (blocking; call it off the event loop)."""
     started = time.perf_counter()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from sentence_transformers import SentenceTransformer
-
     path = config.resolved_path()
-    log.info("loading model", extra={"model": config.id, "path": path, "stage": "read folder"})
-    st = SentenceTransformer(path, device="cpu", local_files_only=True)
-    modules = list(st)
-    transformer, rest = modules[0], modules[1:]
-    if not hasattr(transformer, "auto_model"):
-        raise ValueError(f"{config.id}: the first module must be a Transformer, not {type(transformer).__name__}")
-
-    modes: tuple[str, ...] = ("mean",)
-    include_prompt = True
-    dense: list[Dense] = []
-    normalizes = False
-    for m in rest:
-        kind = type(m).__name__
-        if kind == "Pooling":
-            modes = (m.pooling_mode,) if isinstance(m.pooling_mode, str) else tuple(m.pooling_mode)
-            unknown = [x for x in modes if x not in MODES]
-            if unknown:
-                raise ValueError(f"{config.id}: pooling mode {unknown} is not supported")
-            include_prompt = bool(getattr(m, "include_prompt", True))
-        elif kind == "Dense":
-            act = type(m.activation_function).__name__.lower()
-            if act not in ("identity", "tanh"):
-                raise ValueError(f"{config.id}: Dense activation {act} is not supported")
-            bias = m.linear.bias.detach().float().numpy() if m.linear.bias is not None else None
-            dense.append(Dense(m.linear.weight.detach().float().numpy(), bias, act))
-        elif kind == "Normalize":
-            normalizes = True
-        else:
-            raise ValueError(f"{config.id}: the module {kind} is not supported by this server")
-
-    max_seq = config.max_seq_length or int(st.max_seq_length)
-    hf_tokenizer = st.tokenizer
-    backend = getattr(hf_tokenizer, "backend_tokenizer", None) or getattr(hf_tokenizer, "_tokenizer", None)
-    if backend is None:
-        raise ValueError(f"{config.id}: needs a fast (tokenizers) tokenizer")
-    auto_model = transformer.auto_model
-    tokenizer = TextTokenizer(backend, max_seq, int(auto_model.config.vocab_size))
-
-    runtime = make_runtime(config, auto_model, path)
-    dimension = dense[-1].weight.shape[0] if dense else runtime.hidden_size * len(modes)
+    runtime_name, precision = resolve_mode(config)
+    log.info("loading model", extra={"model": config.id, "path": path, "mode": f"{runtime_name}/{precision}"})
+    try:
+        folder = read_folder(path)
+    except (OSError, FolderError) as e:
+        raise ValueError(f"{config.id}: {e}") from None
+    max_seq = config.max_seq_length or folder.max_seq_length
+    tokenizer = TextTokenizer(folder.tokenizer, max_seq, folder.vocab_size, lowercase=folder.lowercase)
+    runtime = make_runtime(runtime_name, precision, folder, threads.configure(inference_threads))
+    modes, dense, include_prompt = folder.pooling_modes, folder.dense, folder.include_prompt
 
     def head(token_embeddings: np.ndarray, mask: np.ndarray, prompt_lengths: np.ndarray) -> np.ndarray:
         pooled = pool(token_embeddings, mask, modes, None if include_prompt else prompt_lengths)
@@ -108,22 +80,21 @@ def load_model(
         config.id,
         runtime,
         head,
-        dimension,
+        folder.dimension,
         tokenizer.pad_id,
         limits.max_batch_tokens,
         limits.max_batch_size,
         on_batch=(lambda stats: on_batch(config.id, stats)) if on_batch else None,
     )
-    prompts = {**(st.prompts or {}), **config.prompts}
     served = ServedModel(
         config=config,
         tokenizer=tokenizer,
         runtime=runtime,
         batcher=batcher,
-        dimension=int(dimension),
-        normalizes=normalizes,
-        prompts=prompts,
-        default_prompt_name=getattr(st, "default_prompt_name", None),
+        dimension=folder.dimension,
+        normalizes=folder.normalize,
+        prompts={**folder.prompts, **config.prompts},
+        default_prompt_name=folder.default_prompt_name,
         include_prompt=include_prompt,
         load_seconds=0.0,
     )
@@ -133,21 +104,51 @@ def load_model(
     served.load_seconds = time.perf_counter() - started
     log.info(
         "model ready",
-        extra={"model": config.id, "runtime": runtime.describe(), "dimension": served.dimension,
+        extra={"model": config.id, "runtime": runtime.describe(), "streams": runtime.streams, "dimension": served.dimension,
                "max_seq_length": max_seq, "seconds": round(served.load_seconds, 2)},
     )
     return served
 
 
-def make_runtime(config: ModelConfig, auto_model, path: str) -> Runtime:
-    """Picks the runtime and precision for a model (fp32 torch until faster ones are proven here)."""
-    runtime = "torch" if config.runtime == "auto" else config.runtime
-    precision = "fp32" if config.precision == "auto" else config.precision
+def cpu_has_bf16() -> bool:
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_mode(config: ModelConfig) -> tuple[str, str]:
+    """The (runtime, precision) a model runs with; `auto` is the fastest mode that keeps cosine ≥ 0.9999.
+
+    Measured here (bench/RESULTS.md): OpenVINO bf16 is the fastest such mode on CPUs with bf16 units,
+    with the lowest latency too; without them bf16 is emulated and slow, so fp32.
+    """
+    runtime = config.runtime
+    if runtime == "auto":
+        runtime = "openvino" if importlib.util.find_spec("openvino") else "torch"
+    precision = config.precision
+    if precision == "auto":
+        precision = "bf16" if runtime in ("openvino", "torch") and cpu_has_bf16() else "fp32"
+    if (runtime, precision) not in RUNTIME_MODES:
+        supported = ", ".join(f"{r}/{p}" for r, p in RUNTIME_MODES)
+        raise ValueError(f"{config.id}: {runtime}/{precision} is not a supported mode (supported: {supported})")
+    return runtime, precision
+
+
+def make_runtime(runtime: str, precision: str, folder: ModelFolder, threads: int) -> Runtime:
+    # Imported here: a server on OpenVINO never loads torch.
     if runtime == "torch":
         from ..runtimes.pytorch import TorchRuntime
 
-        return TorchRuntime(auto_model, precision)
-    raise ValueError(f"{config.id}: runtime {runtime} is not available")
+        return TorchRuntime(str(folder.transformer_path), precision, threads)
+    if runtime == "onnx":
+        from ..runtimes.onnxrt import OnnxRuntime
+
+        return OnnxRuntime(str(folder.transformer_path), precision, threads, folder.hidden_size)
+    from ..runtimes.openvino import OpenVinoRuntime
+
+    return OpenVinoRuntime(str(folder.transformer_path), precision, threads, folder.hidden_size)
 
 
 @dataclass
@@ -172,8 +173,10 @@ class ModelRegistry:
         limits: LimitsConfig,
         on_ready: Callable[[ServedModel], None] | None = None,
         on_batch: Callable[[str, BatchStats], None] | None = None,
+        inference_threads: int = 0,
     ) -> None:
         self.limits = limits
+        self.inference_threads = inference_threads
         self._slots = {c.id: _Slot(c) for c in configs}
         self._names: dict[str, str] = {}
         for c in configs:
@@ -269,7 +272,7 @@ class ModelRegistry:
                     return
                 slot.state, slot.started_at = "loading", time.monotonic()
         try:
-            model = load_model(slot.config, self.limits, self._on_batch)
+            model = load_model(slot.config, self.limits, self._on_batch, self.inference_threads)
             model.batcher.start()
         except Exception as exc:
             slot.state, slot.error = "failed", f"{type(exc).__name__}: {exc}"

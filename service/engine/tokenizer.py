@@ -28,8 +28,10 @@ class Tokens:
 
 
 class TextTokenizer:
-    def __init__(self, tokenizer: Tokenizer, max_seq_length: int, vocab_size: int) -> None:
+    def __init__(self, tokenizer: Tokenizer, max_seq_length: int, vocab_size: int, lowercase: bool = False) -> None:
         self.max_seq_length = max_seq_length
+        # sentence_bert_config's do_lower_case: sentence-transformers lowercases the text before tokenizing.
+        self.lowercase = lowercase
         self.vocab_size = vocab_size
         self.pad_id = tokenizer.padding["pad_id"] if tokenizer.padding else 0
         self.special_count = tokenizer.num_special_tokens_to_add(is_pair=False)
@@ -47,6 +49,8 @@ class TextTokenizer:
     def encode(self, texts: list[str], truncate: bool, direction: str = "right", param: str = "input") -> list[Tokens]:
         """Tokenizes `texts`; an input over the model's limit is cut from `direction` or refused."""
         tok = self._variants[direction]
+        if self.lowercase:
+            texts = [t.lower() for t in texts]
         encodings = tok.encode_batch(texts) if len(texts) > 1 else [tok.encode(texts[0])]
         out = []
         for i, enc in enumerate(encodings):

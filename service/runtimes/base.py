@@ -20,10 +20,18 @@ class Runtime(ABC):
     precision: str
     #: width of the token embeddings
     hidden_size: int
+    #: forward passes that may run at once (one batcher thread each); > 1 for runtimes with streams
+    streams: int = 1
 
     @abstractmethod
-    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None) -> np.ndarray:
-        """[batch, seq] int64 arrays in; [batch, seq, hidden] float32 token embeddings out."""
+    def forward(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None, *, alone: bool = True
+    ) -> np.ndarray:
+        """[batch, seq] int64 arrays in; [batch, seq, hidden] float32 token embeddings out.
+
+        `alone`: no other forward pass runs now, so this one may use every core (a lone request's
+        latency); otherwise it runs on one stream beside the others (throughput under load).
+        """
 
     def describe(self) -> str:
         return f"{self.name}/{self.precision}"

@@ -1,0 +1,57 @@
+"""OpenVINO on the CPU, from the model exported at first use (see `export`).
+
+On CPUs with AMX or AVX512-BF16 its bf16 inference precision keeps layer norms and softmax in fp32 and
+measured cosine ≥ 0.99994 to fp32 on the benchmark corpus, at about twice fp32 torch's speed.
+
+The model is compiled twice, because a small model can't keep every core busy with one batch:
+- for latency, one stream over all cores: used when a batch runs alone (a lone request is as fast as possible);
+- for throughput, one stream per core (OpenVINO's THROUGHPUT hint): under load the batcher runs that many
+  batches at once, which measured ~1.4× the single-stream throughput here.
+"""
+
+from __future__ import annotations
+
+import queue
+
+import numpy as np
+
+from .base import Runtime
+from .export import onnx_model
+
+_PRECISION_HINT = {"fp32": "f32", "bf16": "bf16"}
+
+
+class OpenVinoRuntime(Runtime):
+    name = "openvino"
+
+    def __init__(self, folder: str, precision: str, threads: int, hidden_size: int) -> None:
+        if precision not in _PRECISION_HINT:
+            raise ValueError(f"the openvino runtime runs fp32 or bf16, not {precision}")
+        import openvino as ov
+
+        self.precision = precision
+        self.hidden_size = hidden_size
+        core = ov.Core()
+        model = core.read_model(str(onnx_model(folder)))
+        common = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": _PRECISION_HINT[precision]}
+        self._latency = core.compile_model(model, "CPU", {**common, "PERFORMANCE_HINT": "LATENCY"})
+        self._throughput = core.compile_model(model, "CPU", {**common, "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": threads})
+        self.streams = max(1, int(self._throughput.get_property("NUM_STREAMS")))
+        self.inputs = [i.get_any_name() for i in self._latency.inputs]
+        self._alone_request = self._latency.create_infer_request()
+        self._stream_requests: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(self.streams):
+            self._stream_requests.put(self._throughput.create_infer_request())
+
+    def forward(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray | None, *, alone: bool = True
+    ) -> np.ndarray:
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+        feeds = {k: feeds[k] for k in self.inputs}
+        if alone:  # the batcher runs at most one `alone` pass, and nothing beside it
+            return np.array(self._alone_request.infer(feeds)[0], dtype=np.float32, copy=True)
+        request = self._stream_requests.get()
+        try:
+            return np.array(request.infer(feeds)[0], dtype=np.float32, copy=True)
+        finally:
+            self._stream_requests.put(request)
