@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 .PHONY: run test gen venv bench load clean check-gen
 
 run: $(GEN_STAMP)  ## start server + Envoy on the default model (Ctrl-C stops both)
-	$(PY) -m service.run $(ARGS)
+	$(PY) -m service.run --replicas $(or $(REPLICAS),1) $(ARGS)
 
 test: $(GEN_STAMP) $(HRFLOW_STAMP)  ## every test, against a real Envoy, a real server and the real model
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -90,11 +90,26 @@ class LimitsConfig:
     # Characters of one input; longer inputs are refused.
     max_input_chars: int = 200_000
     # Tokens (padding included) the engine puts in one forward pass.
-    max_batch_tokens: int = 16384
+    max_batch_tokens: int = 2048
     # Inputs in one forward pass, whatever their length.
     max_batch_size: int = 256
     # Dialects that refuse an input over the model's token limit (OpenAI) truncate it instead.
     auto_truncate: bool = False
+    # Requests being served at once; more are refused at once (RESOURCE_EXHAUSTED / 429 + Retry-After).
+    max_concurrent_requests: int = 512
+    # Tokens waiting in a model's queue; a request that would pass this is refused at once (429).
+    max_queued_tokens: int = 262_144
+    # The deadline of a request whose caller set none (seconds).
+    request_timeout_seconds: float = 120.0
+
+
+@dataclass
+class AuthConfig:
+    # A YAML file `keys: [{name, key, secret}]`, re-read on SIGHUP. Keys may also come from $EMBED_API_KEYS
+    # ("key" or "key:secret", comma-separated). No keys at all: the service is open.
+    keys_file: str = ""
+    # With no keys, the server binds to loopback only unless this is true.
+    allow_open_non_loopback: bool = False
 
 
 @dataclass
@@ -108,6 +123,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     envoy: EnvoyConfig = field(default_factory=EnvoyConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     models: list[ModelConfig] = field(default_factory=lambda: [ModelConfig(default=True)])
 
@@ -158,6 +174,8 @@ class Config:
         for key, value in dataclasses.asdict(self.limits).items():
             if not isinstance(value, bool) and value < 1:
                 raise ConfigError(f"limits.{key}: must be >= 1, not {value}")
+        if self.auth.keys_file and not Path(self.auth.keys_file).is_file():
+            raise ConfigError(f"auth.keys_file: {self.auth.keys_file!r} is not a file")
         if self.cache.max_bytes < 0:
             raise ConfigError("cache.max_bytes: must be >= 0")
         return self

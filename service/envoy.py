@@ -23,6 +23,7 @@ import yaml
 from .config import Config, load
 from .errors import ERROR_BODY_HEADER
 
+# Set by the Lua filter on requests that arrived as REST (the server reads it as metadata).
 REST_MARK = "x-embed-rest"
 ROOT = Path(__file__).resolve().parents[1]
 DESCRIPTOR = ROOT / "gen" / "descriptor.pb"
@@ -153,7 +154,30 @@ def render(config: Config, upstreams: list[tuple[str, int]] | None = None, descr
                     "name": "embeddings",
                     "domains": ["*"],
                     # After transcoding every path is a gRPC method path: one route serves all.
-                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "embedding_grpc", "timeout": timeout, "max_stream_duration": {"grpc_timeout_header_max": timeout}}}],
+                    "routes": [
+                        {
+                            "match": {"prefix": "/"},
+                            "route": {
+                                "cluster": "embedding_grpc",
+                                "timeout": timeout,
+                                "max_stream_duration": {"grpc_timeout_header_max": timeout},
+                                # Embedding is idempotent: a request a replica could not answer (it died,
+                                # or is draining and refuses new calls) is tried on another one.
+                                "retry_policy": {
+                                    "retry_on": "connect-failure,refused-stream,reset,unavailable",
+                                    "num_retries": 2,
+                                    "per_try_timeout": timeout,
+                                    "retry_host_predicate": [
+                                        {
+                                            "name": "envoy.retry_host_predicates.previous_hosts",
+                                            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"},
+                                        }
+                                    ],
+                                    "host_selection_retry_max_attempts": 3,
+                                },
+                            },
+                        }
+                    ],
                 }
             ],
         },
@@ -217,7 +241,25 @@ def render(config: Config, upstreams: list[tuple[str, int]] | None = None, descr
                     "name": "embedding_grpc",
                     "type": "STATIC",
                     "connect_timeout": "1s",
-                    "lb_policy": "ROUND_ROBIN",
+                    # Fewest outstanding requests: a replica busy with a big batch gets less new work.
+                    "lb_policy": "LEAST_REQUEST",
+                    # The server's own gRPC health: NOT_SERVING while its model loads or while it drains.
+                    "health_checks": [
+                        {
+                            "timeout": "1s",
+                            "interval": "2s",
+                            "unhealthy_threshold": 1,
+                            "healthy_threshold": 1,
+                            "grpc_health_check": {},
+                        }
+                    ],
+                    "outlier_detection": {
+                        "consecutive_5xx": 5,
+                        "consecutive_gateway_failure": 2,
+                        "interval": "5s",
+                        "base_ejection_time": "10s",
+                        "max_ejection_percent": 50,
+                    },
                     "typed_extension_protocol_options": {
                         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                             "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",

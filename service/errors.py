@@ -44,7 +44,7 @@ HTTP_STATUS = {
 # OpenAI's `error.type` by HTTP status (the values its API and SDKs use).
 _OPENAI_TYPE = {
     400: "invalid_request_error",
-    401: "authentication_error",
+    401: "invalid_request_error",
     403: "permission_error",
     404: "invalid_request_error",
     429: "rate_limit_exceeded",
@@ -107,6 +107,10 @@ def model_loading(name: str, estimated_time: float) -> ServiceError:
         retry_after=max(1.0, estimated_time),
         estimated_time=round(max(0.0, estimated_time), 1),
     )
+
+
+def overloaded(message: str, retry_after: float) -> ServiceError:
+    return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, message, reason="OVERLOADED", retry_after=max(1.0, retry_after))
 
 
 def internal(message: str = "Unexpected internal server error occurred") -> ServiceError:

@@ -178,8 +178,11 @@ class Stack:
                 p.wait()
         self._tmp.cleanup()
 
-    def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-5000:]}" for p in sorted(self.log_dir.glob("*.log")))
+    def logs(self, tail: int | None = 5000) -> str:
+        """The processes' logs (the last `tail` characters of each; None: all)."""
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text(errors='replace')[-tail if tail else 0:]}" for p in sorted(self.log_dir.glob("*.log"))
+        )
 
     def __enter__(self) -> Stack:
         return self.start()

@@ -61,4 +61,5 @@ async def handle(context: grpc.aio.ServicerContext, dialect: str, work: Callable
 
 async def abort(context: grpc.aio.ServicerContext, err: errors.ServiceError, dialect: str) -> None:
     log.debug("request refused", extra={"dialect": dialect, "code": err.code.name, "reason": err.reason, "error": err.message})
+
     await context.abort(err.code, err.message, trailing_metadata=errors.trailing_metadata(err, dialect))

@@ -16,7 +16,9 @@ from ai.inworld.embedding.v1alpha import embedding_service_pb2 as inworld_pb
 from ai.inworld.embedding.v1alpha import embedding_service_pb2_grpc as inworld_grpc
 from embedding.dialects.v1 import hrflow_pb2, hrflow_pb2_grpc, huggingface_pb2, huggingface_pb2_grpc, openai_pb2, openai_pb2_grpc
 
+from .auth import CredentialStore
 from .config import Config
+from .interceptors import AuthInterceptor
 from .dialects import hrflow, huggingface, inworld, openai
 from .engine.cache import EmbeddingCache
 from .engine.models import ModelRegistry, ServedModel
@@ -47,7 +49,9 @@ class EmbeddingServer:
         # Tokenization runs here, beside (not on) the event loop and the batcher threads.
         self.executor = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 2), thread_name_prefix="tokenize")
         self.embedder = Embedder(self.registry, config.limits, self.cache, self.executor)
+        self.credentials = CredentialStore(config.auth.keys_file)
         self.server = grpc.aio.server(
+            interceptors=[AuthInterceptor(self.credentials)],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -70,12 +74,25 @@ class EmbeddingServer:
         reflection.enable_server_reflection([*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
         for name in ["", *SERVICE_NAMES]:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        address = f"{self.config.server.host}:{self.config.server.grpc_port}"
+        host = self.config.server.host
+        if not self.credentials.enabled:
+            if host not in ("127.0.0.1", "localhost", "::1") and not self.config.auth.allow_open_non_loopback:
+                log.warning(
+                    "no API keys configured: the service is open, so it listens on loopback only "
+                    "(configure auth.keys_file or EMBED_API_KEYS, or set auth.allow_open_non_loopback)",
+                    extra={"asked_for": host},
+                )
+                host = "127.0.0.1"
+            else:
+                log.warning("no API keys configured: the service is open to every caller that can reach it", extra={"host": host})
+        else:
+            log.info("API keys required", extra={"credentials": len(self.credentials)})
+        address = f"{host}:{self.config.server.grpc_port}"
         self.port = self.server.add_insecure_port(address)
         if not self.port:
             raise OSError(f"cannot listen on {address}")
         await self.server.start()
-        log.info("listening", extra={"grpc": f"{self.config.server.host}:{self.port}"})
+        log.info("listening", extra={"grpc": f"{host}:{self.port}"})
         self.registry.start()
         return self.port
 
@@ -87,6 +104,13 @@ class EmbeddingServer:
             names += ["", *SERVICE_NAMES]
         for name in names:
             asyncio.run_coroutine_threadsafe(self.health.set(name, health_pb2.HealthCheckResponse.SERVING), self._loop)
+
+    def reload_credentials(self) -> None:
+        """SIGHUP: re-read the keys; in-flight and new requests carry on (the store swaps atomically)."""
+        try:
+            self.credentials.reload()
+        except Exception as e:  # a broken file keeps the keys we have
+            log.error("credentials not reloaded; keeping the previous ones", extra={"error": str(e)})
 
     async def stop(self, grace: float | None = None) -> None:
         """Drains: health goes NOT_SERVING, new calls are refused, in-flight ones get `grace` seconds."""
@@ -109,5 +133,6 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_credentials)
     await stop.wait()
     await server.stop()

@@ -192,3 +192,17 @@ async def test_streams_run_batches_side_by_side_and_a_lone_batch_alone():
         assert busy.pooled[:, 0].tolist() == list(range(12))
     finally:
         b.stop(5)
+
+
+async def test_a_huge_request_does_not_hold_back_a_small_one(batcher, runtime):
+    loop = asyncio.get_running_loop()
+    blocker = await hold_worker(batcher, runtime, loop)
+    huge = Job([tokens(1000 + i, 30) for i in range(40)], False, loop)  # 2 inputs per batch: 20 batches
+    small = Job([tokens(5, 30)], False, loop)
+    batcher.submit(huge)
+    batcher.submit(small)
+    runtime.gate.set()
+    await asyncio.wait_for(asyncio.gather(blocker.future, huge.future, small.future), 10)
+    firsts = [firsts for _, _, firsts in runtime.batches[1:]]
+    served_in = next(i for i, f in enumerate(firsts) if 5 in f)
+    assert served_in <= 1, firsts  # its turn comes within a batch, not after the huge request's 20

@@ -71,7 +71,9 @@ def environment() -> dict[str, str]:
     from ..launch import envoy_binary
     import subprocess
 
-    envoy_version = subprocess.run([envoy_binary(), "--version"], capture_output=True, text=True).stdout.strip().split("/")[1:2]
+    import re
+
+    found = re.search(r"version: \S+?/(\d+\.\d+\.\d+)", subprocess.run([envoy_binary(), "--version"], capture_output=True, text=True).stdout)
     env = {
         "cpu": cpu,
         "cores": str(os.cpu_count()),
@@ -84,7 +86,7 @@ def environment() -> dict[str, str]:
         "tokenizers": tokenizers.__version__,
         "onnxruntime": onnxruntime.__version__,
         "grpcio": grpc.__version__,
-        "envoy": envoy_version[0] if envoy_version else "?",
+        "envoy": found.group(1) if found else "?",
     }
     try:
         import openvino

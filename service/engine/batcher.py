@@ -4,8 +4,10 @@ Why this shape:
 - Padding is paid for: a batch costs `len(batch) * longest` tokens, so pending inputs are kept sorted by
   length and a batch takes neighbours of similar length, never a 10-token text beside a 150-token one
   when it can avoid it.
-- Latency stays bounded: every batch is built around the oldest pending input, so a long queue of short
-  texts cannot starve a long one, and a lone request runs at once (no timer, no waiting for company).
+- Latency stays bounded and fair: each batch is built around the oldest pending input of the next request
+  in turn (round robin over requests), so a 2048-input request cannot hold back a one-text request by more
+  than a batch, a long queue of short texts cannot starve a long one, and a lone request runs at once (no
+  timer, no waiting for company).
 - A large request is just many inputs in the queue: they spread over several batches, interleave with
   other requests' inputs, and are reassembled in order in the request's `Job`.
 - A cancelled or expired request's inputs are dropped before they are computed.
@@ -42,7 +44,7 @@ class Job:
 
     __slots__ = (
         "items", "want_tokens", "loop", "future", "pooled", "token_embeddings", "remaining", "cancelled",
-        "deadline", "enqueued_at", "started_at", "inference_seconds", "batches",
+        "deadline", "enqueued_at", "started_at", "inference_seconds", "batches", "pending",
     )
 
     def __init__(self, items: list[Tokens], want_tokens: bool, loop: asyncio.AbstractEventLoop, deadline: float | None = None):
@@ -59,6 +61,7 @@ class Job:
         self.started_at: float | None = None
         self.inference_seconds = 0.0
         self.batches = 0
+        self.pending: collections.deque[_Entry] = collections.deque()  # its queued inputs, in order
 
     def _resolve(self) -> None:
         if not self.future.done():
@@ -108,9 +111,11 @@ class Batcher:
         self._cond = threading.Condition()
         self._keys: list[tuple[int, int]] = []  # sorted
         self._entries: list[_Entry] = []  # parallel to _keys
-        self._arrivals: collections.deque[_Entry] = collections.deque()
+        self._rotation: collections.deque[Job] = collections.deque()  # requests with queued inputs, in turn
         self._seq = 0
         self._queued_tokens = 0
+        # Recent throughput (tokens/s over all streams), for Retry-After estimates.
+        self.tokens_per_second = 0.0
         self._stopping = False
         self._busy = 0  # forward passes running
         self._alone = False  # one of them runs alone, on every core: nothing may start beside it
@@ -148,8 +153,9 @@ class Batcher:
                 pos = bisect.bisect_left(self._keys, entry.key)
                 self._keys.insert(pos, entry.key)
                 self._entries.insert(pos, entry)
-                self._arrivals.append(entry)
+                job.pending.append(entry)
                 self._queued_tokens += len(tokens)
+            self._rotation.append(job)
             self._cond.notify()
 
     # -- batcher thread ---------------------------------------------------------------------------
@@ -191,15 +197,19 @@ class Batcher:
     def _take_batch(self) -> list[_Entry]:
         """Removes and returns the next batch (called with the lock held)."""
         now = time.monotonic()
-        # The anchor: the oldest input whose request still wants it.
-        while self._arrivals:
-            anchor = self._arrivals[0]
-            if anchor.taken:
-                self._arrivals.popleft()
+        # The anchor: the oldest queued input of the next request in turn that still wants it.
+        while self._rotation:
+            job = self._rotation[0]
+            while job.pending and job.pending[0].taken:
+                job.pending.popleft()
+            if not job.pending:
+                self._rotation.popleft()
                 continue
+            anchor = job.pending[0]
             if not self._live(anchor, now):
                 self._purge_dead(now)
                 continue
+            self._rotation.rotate(-1)
             break
         else:
             return []
@@ -290,5 +300,7 @@ class Batcher:
             job.remaining -= 1
             if job.remaining == 0:
                 job.loop.call_soon_threadsafe(job._resolve)
+        rate = int(mask.sum()) / elapsed * max(1, self.runtime.streams) if elapsed > 0 else 0.0
+        self.tokens_per_second = rate if not self.tokens_per_second else 0.8 * self.tokens_per_second + 0.2 * rate
         if self.on_batch is not None:
             self.on_batch(BatchStats(n, int(mask.sum()), n * longest, elapsed))

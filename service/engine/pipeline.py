@@ -79,9 +79,21 @@ class Embedder:
         self.limits = limits
         self.cache = cache
         self.executor = executor
+        self.inflight = 0
 
     async def embed(self, req: EmbedRequest) -> EmbedResult:
+        if self.inflight >= self.limits.max_concurrent_requests:
+            raise errors.overloaded(f"The server is at its limit of {self.limits.max_concurrent_requests} concurrent requests; retry shortly.", 1.0)
+        self.inflight += 1
+        try:
+            return await self._embed(req)
+        finally:
+            self.inflight -= 1
+
+    async def _embed(self, req: EmbedRequest) -> EmbedResult:
         started = time.perf_counter()
+        if req.deadline is None:
+            req.deadline = time.monotonic() + self.limits.request_timeout_seconds
         self._validate(req)
         timeout = None if req.deadline is None else max(0.0, req.deadline - time.monotonic())
         model = await self.registry.get(req.model, wait=req.wait_for_model, timeout=timeout)
@@ -112,6 +124,7 @@ class Embedder:
         job = None
         token_embeddings = None
         if missing:
+            self._admit(model, sum(len(tokens[i]) for i in missing))
             job = Job([tokens[i] for i in missing], req.token_embeddings, loop, req.deadline)
             model.batcher.submit(job)
             try:
@@ -140,6 +153,15 @@ class Embedder:
         )
 
     # -- steps ------------------------------------------------------------------------------------
+
+    def _admit(self, model: ServedModel, new_tokens: int) -> None:
+        """Backpressure: refuse at once, rather than queue work the server can't start soon."""
+        queued = model.batcher.queued_tokens
+        if queued and queued + new_tokens > self.limits.max_queued_tokens:
+            rate = model.batcher.tokens_per_second or 5000.0
+            raise errors.overloaded(
+                f"The queue of {model.id} is full ({queued} tokens waiting); retry shortly.", (queued + new_tokens) / rate
+            )
 
     def _validate(self, req: EmbedRequest) -> None:
         if not req.inputs:

@@ -1,0 +1,104 @@
+"""Property-based tests: arbitrary JSON at every route gives a clear 4xx (or a 200), never a 5xx, a hang,
+or a crash; successful answers hold only finite numbers; the wire encodings round-trip."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from service.engine.encoding import base64_float32
+
+MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+ROUTES = {
+    "/ml/v1alpha/embedding:embed": ["inputs", "model", "text", "serviceProvider", "service_provider"],
+    "/v1/embeddings": ["input", "model", "encoding_format", "dimensions", "user"],
+    "/api/embeddings": ["input", "model", "encoding_format", "dimensions"],
+    f"/models/{MODEL}": ["inputs", "normalize", "prompt_name", "truncate", "truncation_direction", "parameters"],
+    "/v1/document/embedding": ["item_type", "item", "return_sequences", "text", "name"],
+}
+FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=40),
+    st.sampled_from(["float", "base64", "profile", "job", "Left", "right", "SERVICE_PROVIDER_INWORLD", "query", MODEL, "", "True"]),
+)
+
+
+def json_values(field_names):
+    keys = st.one_of(st.sampled_from(field_names), st.text(max_size=8))
+    return st.recursive(scalars, lambda children: st.one_of(st.lists(children, max_size=4), st.dictionaries(keys, children, max_size=4)), max_leaves=12)
+
+
+def bodies(field_names):
+    return st.dictionaries(st.one_of(st.sampled_from(field_names), st.text(max_size=8)), json_values(field_names), max_size=5)
+
+
+def check(stack, path, body):
+    r = requests.post(stack.http_url + path, json=body, timeout=30)
+    assert r.status_code < 500, (path, body, r.status_code, r.text[:300])
+    assert r.headers.get("content-type", "").startswith("application/json"), (path, body, r.status_code, r.text[:300])
+    if r.status_code == 200 and path.startswith("/models/"):
+        assert np.isfinite(np.array(r.json(), dtype=np.float64)).all()
+    return r
+
+
+@FUZZ
+@given(body=bodies(ROUTES["/ml/v1alpha/embedding:embed"]))
+def test_inworld_fuzz(stack, body):
+    check(stack, "/ml/v1alpha/embedding:embed", body)
+
+
+@FUZZ
+@given(body=bodies(ROUTES["/v1/embeddings"]), route=st.sampled_from(["/v1/embeddings", "/api/embeddings"]))
+def test_openai_fuzz(stack, body, route):
+    check(stack, route, body)
+
+
+@FUZZ
+@given(body=bodies(ROUTES[f"/models/{MODEL}"]))
+def test_huggingface_fuzz(stack, body):
+    check(stack, f"/models/{MODEL}", body)
+
+
+@FUZZ
+@given(body=bodies(ROUTES["/v1/document/embedding"]))
+def test_hrflow_fuzz(stack, body):
+    check(stack, "/v1/document/embedding", body)
+
+
+@FUZZ
+@given(
+    texts=st.lists(st.text(min_size=1, max_size=200), min_size=1, max_size=4),
+    dims=st.one_of(st.none(), st.integers(min_value=-5, max_value=400)),
+    fmt=st.sampled_from(["float", "base64", None]),
+)
+def test_openai_valid_shapes_always_answer(stack, texts, dims, fmt):
+    body = {"input": texts, "model": MODEL}
+    if dims is not None:
+        body["dimensions"] = dims
+    if fmt:
+        body["encoding_format"] = fmt
+    r = check(stack, "/v1/embeddings", body)
+    if r.status_code == 200:
+        data = r.json()["data"]
+        assert [d["index"] for d in data] == list(range(len(texts)))
+        for d in data:
+            v = np.frombuffer(base64.b64decode(d["embedding"]), "<f4") if fmt == "base64" else np.array(d["embedding"])
+            assert np.isfinite(v).all() and len(v) == (dims or 384)
+    else:
+        assert r.status_code == 400 and (dims is not None and not 1 <= dims <= 384 or any(not t for t in texts)), r.text
+
+
+@given(st.lists(st.floats(width=32, allow_nan=False), min_size=1, max_size=64), st.sampled_from(["little", "big"]))
+def test_base64_round_trips(values, order):
+    v = np.array(values, dtype=np.float32)
+    decoded = np.frombuffer(base64.b64decode(base64_float32(v, order)), "<f4" if order == "little" else ">f4")
+    assert np.array_equal(decoded, v)

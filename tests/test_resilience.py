@@ -1,0 +1,120 @@
+"""Staying up: backpressure answers 429 at once, deadlines, graceful drain, and losing a replica under load."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import signal
+import time
+
+import grpc
+import numpy as np
+import pytest
+import requests
+
+from ai.inworld.embedding.v1alpha import embedding_service_pb2 as pb
+from ai.inworld.embedding.v1alpha import embedding_service_pb2_grpc as pb_grpc
+from service.launch import Stack
+
+from .conftest import stack_config
+
+MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+LONG = " ".join(["hello"] * 80)  # 82 tokens: long, but within the model's 256
+
+
+@pytest.fixture(scope="module")
+def tight(tmp_path_factory):
+    """A server with a small queue and few concurrent requests, to reach the limits on purpose."""
+    cfg = stack_config()
+    cfg.limits.max_queued_tokens = 1500
+    cfg.limits.max_concurrent_requests = 6
+    with Stack(cfg.validate(), log_dir=tmp_path_factory.mktemp("tight-logs")) as s:
+        yield s
+
+
+def test_overload_is_a_fast_429_with_retry_after_in_each_dialect(tight):
+    def openai(i):
+        t0 = time.perf_counter()
+        r = requests.post(tight.http_url + "/v1/embeddings", json={"input": [f"{LONG} {i} {j}" for j in range(16)], "model": MODEL}, timeout=60)
+        return r, time.perf_counter() - t0
+
+    with cf.ThreadPoolExecutor(24) as pool:
+        results = list(pool.map(openai, range(24)))
+    codes = [r.status_code for r, _ in results]
+    assert set(codes) <= {200, 429}, codes
+    assert 200 in codes and 429 in codes, codes
+    for r, seconds in results:
+        if r.status_code == 429:
+            assert int(r.headers["retry-after"]) >= 1
+            assert r.json()["error"]["code"] == "overloaded"
+            assert seconds < 5  # refused at once, not after a timeout
+
+    def hf(i):
+        return requests.post(f"{tight.http_url}/models/{MODEL}", json={"inputs": [f"{LONG} hf {i} {j}" for j in range(16)]}, timeout=60)
+
+    with cf.ThreadPoolExecutor(24) as pool:
+        refused = [r for r in pool.map(hf, range(24)) if r.status_code == 429]
+    assert refused and all(isinstance(r.json()["error"], str) for r in refused)
+
+
+def test_grpc_overload_is_resource_exhausted(tight):
+    with grpc.insecure_channel(tight.server_targets[0]) as ch:
+        stub = pb_grpc.EmbeddingServiceStub(ch)
+        calls = [
+            stub.Embed.future(pb.EmbedRequest(inputs=[pb.EmbedRequest.Input(text=f"{LONG} g {i} {j}") for j in range(16)]), timeout=60)
+            for i in range(24)
+        ]
+        codes = []
+        for c in calls:
+            try:
+                c.result()
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as e:
+                codes.append(e.code())
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+
+
+def test_an_expired_deadline_is_deadline_exceeded_and_others_are_unharmed(tight):
+    with grpc.insecure_channel(tight.server_targets[0]) as ch:
+        stub = pb_grpc.EmbeddingServiceStub(ch)
+        busy = stub.Embed.future(pb.EmbedRequest(inputs=[pb.EmbedRequest.Input(text=f"{LONG} busy {j}") for j in range(12)]), timeout=60)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Embed(pb.EmbedRequest(inputs=[pb.EmbedRequest.Input(text="late")]), timeout=0.001)
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert len(busy.result().embeddings) == 12
+
+
+def test_sigterm_drains_in_flight_requests_then_exits(tmp_path):
+    with Stack(stack_config(), log_dir=tmp_path) as s:
+        with grpc.insecure_channel(s.server_targets[0]) as ch:
+            stub = pb_grpc.EmbeddingServiceStub(ch)
+            in_flight = stub.Embed.future(pb.EmbedRequest(inputs=[pb.EmbedRequest.Input(text=f"{LONG} drain {j}") for j in range(64)]), timeout=60)
+            time.sleep(0.05)
+            s.stop_server(0, signal.SIGTERM)
+            assert len(in_flight.result().embeddings) == 64  # finished, not cut off
+            assert s.servers[0].wait(30) == 0  # then exited, cleanly, within the grace period
+        assert "draining" in s.logs(tail=None)
+
+
+def test_losing_one_of_two_replicas_under_load_loses_no_request(tmp_path):
+    cfg = stack_config()
+    with Stack(cfg, replicas=2, log_dir=tmp_path) as s:
+        texts = [f"replica test sentence number {i}" for i in range(24)]
+        first = requests.post(s.http_url + "/v1/embeddings", json={"input": texts, "model": MODEL, "encoding_format": "float"}, timeout=60)
+        want = {t: np.array(d["embedding"]) for t, d in zip(texts, first.json()["data"])}
+
+        def one(i):
+            text = texts[i % len(texts)]
+            r = requests.post(s.http_url + "/v1/embeddings", json={"input": [text, "steady load"], "model": MODEL, "encoding_format": "float"}, timeout=60)
+            return text, r
+
+        results = []
+        with cf.ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(one, i) for i in range(240)]
+            time.sleep(1.0)
+            s.stop_server(1, signal.SIGKILL)  # no drain: the replica just dies
+            results = [f.result() for f in futures]
+        failures = [(t, r.status_code, r.text[:200]) for t, r in results if r.status_code != 200]
+        assert not failures, failures
+        for text, r in results:  # and nobody got somebody else's vector
+            assert np.abs(np.array(r.json()["data"][0]["embedding"]) - want[text]).max() <= 1e-5
