@@ -9,7 +9,7 @@ GEN_STAMP := gen/.stamp
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test gen venv bench load clean check-gen
+.PHONY: run test gen venv bench load docs deploy clean
 
 run: $(GEN_STAMP)  ## start server + Envoy on the default model (Ctrl-C stops both)
 	$(PY) -m service.run --replicas $(or $(REPLICAS),1) $(ARGS)
@@ -47,6 +47,16 @@ $(GEN_STAMP): $(STAMP) $(PROTOS)
 
 bench: $(GEN_STAMP)  ## throughput and latency against the baselines; writes bench/RESULTS.md
 	$(PY) -m service.bench $(ARGS)
+
+docs: $(STAMP)  ## regenerate the README's configuration and metrics references
+	$(PY) -m service.tools.docs
+
+deploy: $(GEN_STAMP)  ## render deploy/ (and the descriptor ConfigMap) and envoy.yaml from the config
+	$(PY) -m service.deploy --descriptor $(if $(CONFIG),--config $(CONFIG))
+	$(PY) -m service.envoy $(if $(CONFIG),--config $(CONFIG)) > envoy.yaml
+
+load: $(GEN_STAMP)  ## 64 clients, every dialect, 60 s x 2 through Envoy; writes bench/LOAD.md
+	$(PY) -m service.bench.load $(ARGS)
 
 clean:
 	rm -rf gen .pytest_cache

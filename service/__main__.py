@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         import yaml
 
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        print(yaml.safe_dump(cfg.to_dict(mask_secrets=True), sort_keys=False), end="")
         return 0
     logs.setup(cfg.server.log_level, cfg.server.log_format)
     from .server import serve

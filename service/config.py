@@ -36,6 +36,7 @@ def default_model_path() -> str:
 class ModelConfig:
     """One served model: a sentence-transformers folder on disk, named by id and aliases."""
 
+    # The name clients use (and /v1/models lists).
     id: str = DEFAULT_MODEL_ID
     # A sentence-transformers folder. Empty means the bundled default model.
     path: str = ""
@@ -53,19 +54,50 @@ class ModelConfig:
     prompts: dict[str, str] = field(default_factory=dict)
     # startup: loaded in the background when the server starts; lazy: on the first request that names it.
     load: str = "startup"
+    # Forward this model to a configured provider instead of running it here (path and runtime are then unused).
+    provider: str = ""
+    # The model id the provider knows it by; empty: this model's id.
+    upstream_model: str = ""
 
     def resolved_path(self) -> str:
         return self.path or default_model_path()
 
 
 @dataclass
+class ProviderConfig:
+    """An OpenAI-compatible upstream; the one named `openai` is what SERVICE_PROVIDER_OPENAI selects."""
+
+    name: str = "openai"
+    kind: str = "openai"
+    base_url: str = "https://api.openai.com/v1"
+    # The environment variable holding the upstream API key (keys never live in this file).
+    api_key_env: str = "OPENAI_API_KEY"
+    # A key written here directly (discouraged; masked by --print-config).
+    api_key: str = ""
+    timeout_seconds: float = 30.0
+    # Inputs per upstream request; larger requests are split and merged in order.
+    max_batch: int = 2048
+    # Upstream requests in flight at once.
+    max_concurrency: int = 8
+    # Retries of 429 / 5xx / dropped connections, with backoff and Retry-After, within the caller's deadline.
+    max_retries: int = 3
+
+
+@dataclass
 class ServerConfig:
+    # Address of the gRPC server (and its metrics); open servers (no keys) stay on loopback.
     host: str = "127.0.0.1"
+    # Native gRPC port (0: a free one).
     grpc_port: int = 50051
+    # Serve Prometheus metrics on their own port.
+    metrics: bool = True
+    # Port of /metrics (0: a free one).
+    metrics_port: int = 9000
     # Threads of the runtime's forward pass; 0 means one per core.
     inference_threads: int = 0
     # Seconds in-flight requests get to finish after SIGTERM.
     grace_seconds: float = 10.0
+    # debug | info | warning | error (info: lifecycle only; debug: a line per request).
     log_level: str = "info"
     # json (one object per line, for collectors) | text (for a terminal)
     log_format: str = "json"
@@ -73,13 +105,17 @@ class ServerConfig:
 
 @dataclass
 class EnvoyConfig:
+    # Address of Envoy's listener (REST and native gRPC).
     listen_host: str = "127.0.0.1"
+    # Port of Envoy's listener.
     listen_port: int = 8080
+    # Port of Envoy's admin interface (always on loopback).
     admin_port: int = 9901
     # Largest REST body accepted; sized for 2048 inputs of ~2 KB each.
     max_request_bytes: int = 8 * 1024 * 1024
     # Largest REST body returned: 2048 vectors of 1024 floats as JSON text is ~45 MB.
     max_response_bytes: int = 64 * 1024 * 1024
+    # Longest a request may take through Envoy (also the gRPC deadline it allows).
     route_timeout_seconds: float = 120.0
 
 
@@ -113,6 +149,18 @@ class AuthConfig:
 
 
 @dataclass
+class TracingConfig:
+    # An OTLP/gRPC collector, e.g. http://otel-collector:4317; empty: tracing off.
+    endpoint: str = ""
+    # Plain-text OTLP (a collector on the pod or node), not TLS.
+    insecure: bool = True
+    # service.name of the spans.
+    service_name: str = "embedding-service"
+    # Share of traces kept when the caller's trace context doesn't decide.
+    sample_ratio: float = 1.0
+
+
+@dataclass
 class CacheConfig:
     # Memory bound of the embedding cache (vectors and keys); 0 disables it.
     max_bytes: int = 64 * 1024 * 1024
@@ -125,13 +173,20 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
     models: list[ModelConfig] = field(default_factory=lambda: [ModelConfig(default=True)])
+    providers: list[ProviderConfig] = field(default_factory=list)
 
     def default_model(self) -> ModelConfig:
         return next(m for m in self.models if m.default)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def to_dict(self, mask_secrets: bool = False) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if mask_secrets:
+            for p in data["providers"]:
+                if p["api_key"]:
+                    p["api_key"] = "***"
+        return data
 
     def validate(self) -> Config:
         if not self.models:
@@ -160,12 +215,29 @@ class Config:
                 raise ConfigError(f"{where}.max_seq_length: must be >= 0")
             if m.path and not Path(m.path).is_dir():
                 raise ConfigError(f"{where}.path: {m.path!r} is not a folder")
+            if m.provider and m.provider not in {p.name for p in self.providers}:
+                raise ConfigError(f"{where}.provider: {m.provider!r} is not a configured provider ({', '.join(p.name for p in self.providers) or 'none'})")
+        seen = set()
+        for i, p in enumerate(self.providers):
+            where = f"providers[{i}]"
+            if p.name in seen:
+                raise ConfigError(f"{where}.name: {p.name!r} is used twice")
+            seen.add(p.name)
+            if p.kind != "openai":
+                raise ConfigError(f"{where}.kind: {p.kind!r} is not one of openai")
+            if not p.base_url.startswith(("http://", "https://")):
+                raise ConfigError(f"{where}.base_url: {p.base_url!r} is not an http(s) URL")
+            for key in ("max_batch", "max_concurrency"):
+                if getattr(p, key) < 1:
+                    raise ConfigError(f"{where}.{key}: must be >= 1")
         defaults = [m.id for m in self.models if m.default]
         if len(defaults) > 1:
             raise ConfigError(f"models: only one model may be the default, not {defaults}")
         if not defaults:
             self.models[0].default = True
-        for key in ("grpc_port",):
+        if not 0.0 <= self.tracing.sample_ratio <= 1.0:
+            raise ConfigError(f"tracing.sample_ratio: must be between 0 and 1, not {self.tracing.sample_ratio}")
+        for key in ("grpc_port", "metrics_port"):
             _check_port(f"server.{key}", getattr(self.server, key))
         for key in ("listen_port", "admin_port"):
             _check_port(f"envoy.{key}", getattr(self.envoy, key))
@@ -204,10 +276,16 @@ def _coerce(f: dataclasses.Field, value: Any, path: str) -> Any:
     default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
     if dataclasses.is_dataclass(default):
         return _build(type(default), value, path)
-    if f.name == "models":
+    if f.name in ("models", "providers"):
+        cls = ModelConfig if f.name == "models" else ProviderConfig
+        if isinstance(value, str):  # from the environment: YAML or JSON text
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML ({e})") from None
         if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected a list of models")
-        return [_build(ModelConfig, v, f"{path}[{i}]") for i, v in enumerate(value)]
+            raise ConfigError(f"{path}: expected a list of {f.name}")
+        return [_build(cls, v, f"{path}[{i}]") for i, v in enumerate(value)]
     return _scalar(default, value, path)
 
 
@@ -269,8 +347,11 @@ def load(path: str | os.PathLike | None = None, env: dict[str, str] | None = Non
         if not key.startswith(ENV_PREFIX):
             continue
         parts = key[len(ENV_PREFIX):].lower().split("__")
-        if len(parts) != 2 or parts[0] == "models":
-            raise ConfigError(f"{key}: environment overrides take the form {ENV_PREFIX}SECTION__KEY")
+        if parts in (["models"], ["providers"]):  # whole lists, as YAML/JSON text
+            data[parts[0]] = value
+            continue
+        if len(parts) != 2 or parts[0] in ("models", "providers"):
+            raise ConfigError(f"{key}: environment overrides take the form {ENV_PREFIX}SECTION__KEY (or {ENV_PREFIX}MODELS / {ENV_PREFIX}PROVIDERS as YAML)")
         data.setdefault(parts[0], {})
         if not isinstance(data[parts[0]], dict):
             raise ConfigError(f"{parts[0]}: expected a mapping")

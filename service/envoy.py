@@ -147,6 +147,8 @@ def render(config: Config, upstreams: list[tuple[str, int]] | None = None, descr
         # HTTP/1.1 for REST clients and h2c for native gRPC callers, on the one port.
         "codec_type": "AUTO",
         "generate_request_id": True,
+        # A request id from the caller (or the mesh's ingress) is kept, so one id follows the request everywhere.
+        "preserve_external_request_id": True,
         "route_config": {
             "name": "embeddings",
             "virtual_hosts": [
@@ -165,7 +167,7 @@ def render(config: Config, upstreams: list[tuple[str, int]] | None = None, descr
                                 # or is draining and refuses new calls) is tried on another one.
                                 "retry_policy": {
                                     "retry_on": "connect-failure,refused-stream,reset,unavailable",
-                                    "num_retries": 2,
+                                    "num_retries": 5,
                                     "per_try_timeout": timeout,
                                     "retry_host_predicate": [
                                         {
@@ -173,7 +175,7 @@ def render(config: Config, upstreams: list[tuple[str, int]] | None = None, descr
                                             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"},
                                         }
                                     ],
-                                    "host_selection_retry_max_attempts": 3,
+                                    "host_selection_retry_max_attempts": 10,
                                 },
                             },
                         }
@@ -253,7 +255,13 @@ def render(config: Config, upstreams: list[tuple[str, int]] | None = None, descr
                             "grpc_health_check": {},
                         }
                     ],
+                    # Envoy allows 3 concurrent retries per cluster by default: when a replica dies under load,
+                    # every request it held is retried at once, so allow a retry for each request in flight.
+                    "circuit_breakers": {"thresholds": [{"priority": "DEFAULT", "max_retries": 1024, "max_requests": 4096, "max_pending_requests": 4096}]},
                     "outlier_detection": {
+                        # Connection failures (a replica that died) eject it at once, before its health check fails.
+                        "split_external_local_origin_errors": True,
+                        "consecutive_local_origin_failure": 2,
                         "consecutive_5xx": 5,
                         "consecutive_gateway_failure": 2,
                         "interval": "5s",

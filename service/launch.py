@@ -60,6 +60,7 @@ class Stack:
         self.log_dir = Path(log_dir) if log_dir else Path(self._tmp.name)
         self.servers: list[subprocess.Popen] = []
         self.server_ports: list[int] = []
+        self.metrics_ports: list[int] = []
         self.envoy: subprocess.Popen | None = None
 
     # -- addresses ------------------------------------------------------------------------------
@@ -77,6 +78,10 @@ class Stack:
         return [f"127.0.0.1:{p}" for p in self.server_ports]
 
     @property
+    def metrics_urls(self) -> list[str]:
+        return [f"http://127.0.0.1:{p}/metrics" for p in self.metrics_ports] if self.config.server.metrics else []
+
+    @property
     def admin_url(self) -> str:
         return f"http://127.0.0.1:{self.config.envoy.admin_port}"
 
@@ -91,10 +96,13 @@ class Stack:
             env_cfg.admin_port = free_port()
         base_port = self.config.server.grpc_port
         self.server_ports = [free_port() if not base_port else base_port + i for i in range(self.replicas)]
+        base_metrics = self.config.server.metrics_port
+        self.metrics_ports = [free_port() if not base_metrics else base_metrics + i for i in range(self.replicas)]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", **self.extra_env}
         for i, port in enumerate(self.server_ports):
             cfg = copy.deepcopy(self.config)
             cfg.server.grpc_port = port
+            cfg.server.metrics_port = self.metrics_ports[i]
             path = Path(self._tmp.name) / f"server-{i}.yaml"
             path.write_text(yaml.safe_dump(cfg.to_dict()))
             out = None if self.inherit_output else open(self.log_dir / f"server-{i}.log", "ab")

@@ -1,24 +1,28 @@
-"""What every servicer method does around its dialect's work: deadlines, errors, response headers.
+"""What every servicer method does around its dialect's work: deadlines, errors, headers, metrics, logs.
 
-Servicers stay thin: each one maps its message to an `EmbedRequest`, calls the pipeline and maps the
-result back, inside `handle`, which turns any `ServiceError` into the gRPC status (plus the dialect's
-own error body for Envoy) and any unexpected exception into INTERNAL without leaking a stack trace.
+Servicers stay thin: each one maps its message to an `EmbedRequest`, calls the pipeline, hands the result to
+`respond` and maps it back, all inside `handle`, which turns any `ServiceError` into the gRPC status (plus
+the dialect's own error body for Envoy) and any unexpected exception into INTERNAL without leaking a stack
+trace, and counts and times every request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from typing import Awaitable, Callable, TypeVar
 
 import grpc
 
-from . import errors
+from . import errors, metrics
 from .engine.pipeline import EmbedResult
+from .logs import request_id
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_result: contextvars.ContextVar[EmbedResult | None] = contextvars.ContextVar("result", default=None)
 
 
 def deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -46,20 +50,46 @@ def result_headers(result: EmbedResult) -> list[tuple[str, str]]:
     ]
 
 
+async def respond(context: grpc.aio.ServicerContext, result: EmbedResult) -> None:
+    """Timing as response headers (REST through Envoy) and as trailing metadata (gRPC callers)."""
+    headers = result_headers(result)
+    _result.set(result)
+    await context.send_initial_metadata(headers)
+    context.set_trailing_metadata(headers)
+
+
 async def handle(context: grpc.aio.ServicerContext, dialect: str, work: Callable[[], Awaitable[T]]) -> T:
+    started = time.perf_counter()
+    request_id.set(metadata(context).get("x-request-id"))
+    _result.set(None)
     try:
-        return await work()
+        response = await work()
     except errors.ServiceError as err:
+        metrics.observe_request(dialect, "", err.code.name, time.perf_counter() - started)
         await abort(context, err, dialect)
     except asyncio.CancelledError:
+        metrics.observe_request(dialect, "", "CANCELLED", time.perf_counter() - started)
         raise
     except Exception:
         log.exception("request failed", extra={"dialect": dialect})
+        metrics.observe_request(dialect, "", "INTERNAL", time.perf_counter() - started)
         await abort(context, errors.internal(), dialect)
+    else:
+        result = _result.get()
+        seconds = time.perf_counter() - started
+        metrics.observe_request(dialect, result.model if result else "", "OK", seconds, result)
+        if result is not None:
+            log.debug(
+                "embedded",
+                extra={"dialect": dialect, "model": result.model, "inputs": len(result.token_counts), "tokens": result.total_tokens,
+                       "cache_hits": result.cache_hits, "ms": round(seconds * 1000, 2)},
+            )
+        return response
     raise AssertionError("unreachable")
 
 
 async def abort(context: grpc.aio.ServicerContext, err: errors.ServiceError, dialect: str) -> None:
-    log.debug("request refused", extra={"dialect": dialect, "code": err.code.name, "reason": err.reason, "error": err.message})
-
+    # The message of an authentication failure may quote the key the caller sent: never logged.
+    message = None if err.code == grpc.StatusCode.UNAUTHENTICATED else err.message
+    log.debug("request refused", extra={"dialect": dialect, "code": err.code.name, "reason": err.reason, "error": message})
     await context.abort(err.code, err.message, trailing_metadata=errors.trailing_metadata(err, dialect))

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"configuration error: {e}", file=sys.stderr)
         return 2
     if args.replicas > 1:
-        cfg.server.grpc_port = 0  # each replica on a free port
+        cfg.server.grpc_port = cfg.server.metrics_port = 0  # each replica on free ports
     started = time.monotonic()
     # Server logs go to this terminal; Envoy's (warnings only) to a file.
     stack = Stack(cfg, replicas=args.replicas, inherit_output=True)
@@ -44,7 +44,8 @@ ready in {time.monotonic() - started:.1f}s — model {model}
   REST (Envoy)        {url}/ml/v1alpha/embedding:embed
   gRPC (via Envoy)    {stack.envoy_target}   ai.inworld.embedding.v1alpha.EmbeddingService/Embed
   gRPC (direct)       {', '.join(stack.server_targets)}
-  Envoy admin         {stack.admin_url}
+  Envoy admin         {stack.admin_url}   (Envoy's own stats: {stack.admin_url}/stats/prometheus)
+  metrics             {', '.join(stack.metrics_urls) or 'off'}
   Envoy log           {stack.log_dir}/envoy.log
 
 Try it:

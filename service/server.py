@@ -16,6 +16,7 @@ from ai.inworld.embedding.v1alpha import embedding_service_pb2 as inworld_pb
 from ai.inworld.embedding.v1alpha import embedding_service_pb2_grpc as inworld_grpc
 from embedding.dialects.v1 import hrflow_pb2, hrflow_pb2_grpc, huggingface_pb2, huggingface_pb2_grpc, openai_pb2, openai_pb2_grpc
 
+from . import metrics, tracing
 from .auth import CredentialStore
 from .config import Config
 from .interceptors import AuthInterceptor
@@ -25,6 +26,14 @@ from .engine.models import ModelRegistry, ServedModel
 from .engine.pipeline import Embedder
 
 log = logging.getLogger(__name__)
+
+
+def free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 SERVICE_NAMES = [
     inworld_pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name,
@@ -43,15 +52,22 @@ class EmbeddingServer:
         self.config = config
         self.health = health.aio.HealthServicer()
         self.registry = ModelRegistry(
-            config.models, config.limits, on_ready=self._model_ready, inference_threads=config.server.inference_threads
+            config.models,
+            config.limits,
+            on_ready=self._model_ready,
+            on_batch=metrics.observe_batch,
+            inference_threads=config.server.inference_threads,
+            providers=config.providers,
         )
         self.cache = EmbeddingCache(config.cache.max_bytes)
         # Tokenization runs here, beside (not on) the event loop and the batcher threads.
         self.executor = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 2), thread_name_prefix="tokenize")
         self.embedder = Embedder(self.registry, config.limits, self.cache, self.executor)
         self.credentials = CredentialStore(config.auth.keys_file)
+        tracer = tracing.setup(config.tracing)
         self.server = grpc.aio.server(
-            interceptors=[AuthInterceptor(self.credentials)],
+            # Tracing first, so a refused call is traced too.
+            interceptors=[i for i in (tracer, AuthInterceptor(self.credentials)) if i is not None],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -59,6 +75,8 @@ class EmbeddingServer:
             ]
         )
         self.port = 0
+        self.metrics_port = 0
+        self._stop_metrics = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> int:
@@ -92,7 +110,10 @@ class EmbeddingServer:
         if not self.port:
             raise OSError(f"cannot listen on {address}")
         await self.server.start()
-        log.info("listening", extra={"grpc": f"{host}:{self.port}"})
+        if self.config.server.metrics:
+            self.metrics_port = self.config.server.metrics_port or free_port(host)
+            self._stop_metrics = metrics.serve(host, self.metrics_port, metrics.StateCollector(self.registry, self.cache, self.embedder))
+        log.info("listening", extra={"grpc": f"{host}:{self.port}", "metrics": f"{host}:{self.metrics_port}" if self.metrics_port else None})
         self.registry.start()
         return self.port
 
@@ -118,6 +139,9 @@ class EmbeddingServer:
         await self.health.enter_graceful_shutdown()
         log.info("draining", extra={"grace_seconds": grace})
         await self.server.stop(grace)
+        if self._stop_metrics:
+            self._stop_metrics()
+        await self.registry.close_providers()
         self.registry.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)
         log.info("stopped")

@@ -25,6 +25,7 @@ def stack_config() -> Config:
     cfg = Config()
     cfg.models[0].precision = "fp32"
     cfg.server.grpc_port = 0
+    cfg.server.metrics_port = 0
     cfg.envoy.listen_port = 0
     cfg.envoy.admin_port = 0
     return cfg.validate()

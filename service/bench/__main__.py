@@ -282,7 +282,7 @@ async def bench(args) -> int:
     pool.shutdown()
 
     scfg = copy.deepcopy(cfg)
-    scfg.server.grpc_port = scfg.envoy.listen_port = scfg.envoy.admin_port = 0
+    scfg.server.grpc_port = scfg.server.metrics_port = scfg.envoy.listen_port = scfg.envoy.admin_port = 0
     with Stack(scfg) as stack:
         server_pid = stack.servers[0].pid
         for c, n in grid:

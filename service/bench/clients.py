@@ -52,36 +52,50 @@ async def drive(requests: list[list[str]], concurrency: int, send: Callable[[lis
 
 
 class HttpClient:
-    """A minimal keep-alive HTTP/1.1 client (one connection per worker) for POSTing JSON to Envoy."""
+    """A minimal keep-alive HTTP/1.1 client (a pool of connections) for POSTing JSON to Envoy."""
 
-    def __init__(self, host: str, port: int, path: str) -> None:
+    def __init__(self, host: str, port: int, path: str = "/") -> None:
         self.host, self.port, self.path = host, port, path
         self._pool: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 
     async def post(self, body: dict) -> bytes:
+        """POSTs to the client's path; anything but a 200 raises."""
+        status, payload = await self.request(self.path, body)
+        if status != 200:
+            raise RuntimeError(f"HTTP {status}: {payload[:200]!r}")
+        return payload
+
+    async def request(self, path: str, body: dict, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
         data = orjson.dumps(body)
         conn = self._pool.pop() if self._pool else await asyncio.open_connection(self.host, self.port)
         reader, writer = conn
+        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         head = (
-            f"POST {self.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n{extra}"
             f"Content-Length: {len(data)}\r\n\r\n"
         ).encode()
-        writer.write(head + data)
-        status_line = await reader.readline()
-        length = 0
-        while True:
-            line = await reader.readline()
-            if line in (b"\r\n", b""):
-                break
-            name, _, value = line.partition(b":")
-            if name.lower() == b"content-length":
-                length = int(value)
-        payload = await reader.readexactly(length)
-        if b" 200 " not in status_line:
+        try:
+            writer.write(head + data)
+            status_line = await reader.readline()
+            length, close = 0, False
+            while True:
+                line = await reader.readline()
+                if line in (b"\r\n", b""):
+                    break
+                name, _, value = line.partition(b":")
+                if name.lower() == b"content-length":
+                    length = int(value)
+                elif name.lower() == b"connection" and b"close" in value.lower():
+                    close = True
+            payload = await reader.readexactly(length)
+        except (OSError, asyncio.IncompleteReadError):
             writer.close()
-            raise RuntimeError(f"HTTP {status_line!r}: {payload[:200]!r}")
-        self._pool.append(conn)
-        return payload
+            raise
+        if close:
+            writer.close()
+        else:
+            self._pool.append(conn)
+        return int(status_line.split()[1]), payload
 
     async def close(self) -> None:
         for _, writer in self._pool:

@@ -148,7 +148,7 @@ class HrFlowServicer(pb_grpc.HrFlowServicer):
         async def work() -> httpbody_pb2.HttpBody:
             core = to_core(request, rpc.deadline(context))
             result = await self.embedder.embed(core)
-            await context.send_initial_metadata(rpc.result_headers(result))
+            await rpc.respond(context, result)
             return to_body(result, core.token_embeddings)
 
         return await rpc.handle(context, DIALECT, work)

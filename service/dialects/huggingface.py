@@ -85,7 +85,7 @@ class HuggingFaceServicer(pb_grpc.HuggingFaceServicer):
         async def work() -> httpbody_pb2.HttpBody:
             core = to_core(request, rpc.metadata(context), rpc.deadline(context))
             result = await self.embedder.embed(core)
-            await context.send_initial_metadata(rpc.result_headers(result))
+            await rpc.respond(context, result)
             return to_body(result)
 
         return await rpc.handle(context, DIALECT, work)

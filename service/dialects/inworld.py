@@ -16,14 +16,7 @@ LOCAL_PROVIDERS = (pb.SERVICE_PROVIDER_UNSPECIFIED, pb.SERVICE_PROVIDER_INWORLD)
 
 def to_core(request: pb.EmbedRequest, deadline: float | None) -> EmbedRequest:
     provider = request.model.service_provider
-    if provider == pb.SERVICE_PROVIDER_OPENAI:
-        raise errors.ServiceError(
-            grpc.StatusCode.FAILED_PRECONDITION,
-            "SERVICE_PROVIDER_OPENAI was asked for, but no OpenAI provider is configured on this server.",
-            reason="PROVIDER_NOT_CONFIGURED",
-            param="model.service_provider",
-        )
-    if provider not in LOCAL_PROVIDERS:
+    if provider not in LOCAL_PROVIDERS and provider != pb.SERVICE_PROVIDER_OPENAI:
         raise errors.invalid_argument(f"Unknown service provider value {provider}.", "model.service_provider")
     texts = []
     for i, item in enumerate(request.inputs):
@@ -33,15 +26,20 @@ def to_core(request: pb.EmbedRequest, deadline: float | None) -> EmbedRequest:
             raise errors.invalid_argument(f"inputs[{i}].text is empty; every input must have text.", f"inputs[{i}].text", "EMPTY_INPUT")
         texts.append(item.text)
     # Inworld's API truncates over-long text as sentence-transformers does, and returns normalized vectors.
-    return EmbedRequest(inputs=texts, model=request.model.model, deadline=deadline, param="inputs")
+    return EmbedRequest(
+        inputs=texts,
+        model=request.model.model,
+        deadline=deadline,
+        param="inputs",
+        # SERVICE_PROVIDER_OPENAI: forwarded to the provider named `openai` (FAILED_PRECONDITION if there is none).
+        provider="openai" if provider == pb.SERVICE_PROVIDER_OPENAI else None,
+    )
 
 
 def to_response(result: EmbedResult, provider: int) -> pb.EmbedResponse:
+    served_by = pb.SERVICE_PROVIDER_OPENAI if provider == pb.SERVICE_PROVIDER_OPENAI else pb.SERVICE_PROVIDER_INWORLD
     response = pb.EmbedResponse(
-        usage=pb.EmbedResponse.Usage(
-            token_count=result.total_tokens,
-            model=pb.ModelId(model=result.model, service_provider=pb.SERVICE_PROVIDER_INWORLD),
-        )
+        usage=pb.EmbedResponse.Usage(token_count=result.total_tokens, model=pb.ModelId(model=result.model, service_provider=served_by))
     )
     for vector in result.vectors:
         response.embeddings.add().values.extend(vector.tolist())
@@ -55,7 +53,7 @@ class InworldServicer(pb_grpc.EmbeddingServiceServicer):
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         async def work() -> pb.EmbedResponse:
             result = await self.embedder.embed(to_core(request, rpc.deadline(context)))
-            await context.send_initial_metadata(rpc.result_headers(result))
+            await rpc.respond(context, result)
             return to_response(result, request.model.service_provider)
 
         return await rpc.handle(context, DIALECT, work)

@@ -110,7 +110,7 @@ class OpenAIServicer(pb_grpc.OpenAIServicer):
     async def CreateEmbedding(self, request: pb.CreateEmbeddingRequest, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:
         async def work() -> httpbody_pb2.HttpBody:
             result = await self.embedder.embed(to_core(request, rpc.deadline(context), self.auto_truncate))
-            await context.send_initial_metadata(rpc.result_headers(result))
+            await rpc.respond(context, result)
             return to_body(result, request.model, request.encoding_format or "float")
 
         return await rpc.handle(context, DIALECT, work)

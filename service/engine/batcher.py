@@ -99,6 +99,7 @@ class Batcher:
         max_batch_tokens: int,
         max_batch_size: int,
         on_batch: Callable[[BatchStats], None] | None = None,
+        max_width: int = 512,
     ) -> None:
         self.name = name
         self.runtime = runtime
@@ -108,6 +109,7 @@ class Batcher:
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
         self.on_batch = on_batch
+        self.max_width = max_width  # the model's max_seq_length: padding to a multiple never goes past it
         self._cond = threading.Condition()
         self._keys: list[tuple[int, int]] = []  # sorted
         self._entries: list[_Entry] = []  # parallel to _keys
@@ -262,9 +264,11 @@ class Batcher:
         started = time.perf_counter()
         n = len(batch)
         longest = max(e.key[0] for e in batch)
-        ids = np.full((n, longest), self.pad_id, dtype=np.int64)
-        mask = np.zeros((n, longest), dtype=np.int64)
-        types = np.zeros((n, longest), dtype=np.int64)
+        multiple = self.runtime.seq_multiple
+        width = min(-(-longest // multiple) * multiple, max(longest, self.max_width)) if multiple > 1 else longest
+        ids = np.full((n, width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((n, width), dtype=np.int64)
+        types = np.zeros((n, width), dtype=np.int64)
         prompt_lengths = np.zeros(n, dtype=np.int64)
         for r, e in enumerate(batch):
             tokens = e.job.items[e.index]
@@ -303,4 +307,4 @@ class Batcher:
         rate = int(mask.sum()) / elapsed * max(1, self.runtime.streams) if elapsed > 0 else 0.0
         self.tokens_per_second = rate if not self.tokens_per_second else 0.8 * self.tokens_per_second + 0.2 * rate
         if self.on_batch is not None:
-            self.on_batch(BatchStats(n, int(mask.sum()), n * longest, elapsed))
+            self.on_batch(BatchStats(n, int(mask.sum()), n * width, elapsed))

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from .. import errors
-from ..config import LimitsConfig, ModelConfig
+from ..config import LimitsConfig, ModelConfig, ProviderConfig
 from ..runtimes import MODES as RUNTIME_MODES
 from ..runtimes import threads
 from ..runtimes.base import Runtime
@@ -85,6 +85,7 @@ def load_model(
         limits.max_batch_tokens,
         limits.max_batch_size,
         on_batch=(lambda stats: on_batch(config.id, stats)) if on_batch else None,
+        max_width=max_seq,
     )
     served = ServedModel(
         config=config,
@@ -152,6 +153,19 @@ def make_runtime(runtime: str, precision: str, folder: ModelFolder, threads: int
 
 
 @dataclass
+class RemoteModel:
+    """A model another (OpenAI-compatible) API serves: the pipeline forwards to its provider."""
+
+    config: ModelConfig
+    provider: object  # providers.openai.OpenAIProvider
+    upstream_model: str
+
+    @property
+    def id(self) -> str:
+        return self.config.id
+
+
+@dataclass
 class _Slot:
     config: ModelConfig
     state: str = "pending"  # pending | loading | ready | failed
@@ -174,9 +188,12 @@ class ModelRegistry:
         on_ready: Callable[[ServedModel], None] | None = None,
         on_batch: Callable[[str, BatchStats], None] | None = None,
         inference_threads: int = 0,
+        providers: list[ProviderConfig] | None = None,
     ) -> None:
         self.limits = limits
         self.inference_threads = inference_threads
+        self.provider_configs = {p.name: p for p in providers or []}
+        self._providers: dict[str, object] = {}
         self._slots = {c.id: _Slot(c) for c in configs}
         self._names: dict[str, str] = {}
         for c in configs:
@@ -214,9 +231,25 @@ class ModelRegistry:
     def loaded(self) -> list[ServedModel]:
         return [s.model for s in self._slots.values() if s.model is not None]
 
-    async def get(self, name: str, wait: bool = True, timeout: float | None = None) -> ServedModel:
+    def provider(self, name: str):
+        """The client of a configured provider (created on first use), or None if there is no such provider."""
+        if name not in self.provider_configs:
+            return None
+        if name not in self._providers:
+            from ..providers.openai import OpenAIProvider
+
+            self._providers[name] = OpenAIProvider(self.provider_configs[name])
+        return self._providers[name]
+
+    async def close_providers(self) -> None:
+        for p in self._providers.values():
+            await p.close()  # type: ignore[attr-defined]
+
+    async def get(self, name: str, wait: bool = True, timeout: float | None = None) -> ServedModel | RemoteModel:
         """The model for `name`; while it loads, waits (bounded by `timeout`) or answers UNAVAILABLE."""
         slot = self._slots[self.resolve(name)]
+        if slot.config.provider:
+            return RemoteModel(slot.config, self.provider(slot.config.provider), slot.config.upstream_model or slot.config.id)
         if slot.model is not None:
             return slot.model
         if slot.state == "pending" and slot.config.load == "lazy":
@@ -255,7 +288,12 @@ class ModelRegistry:
 
     def _load_startup(self) -> None:
         for slot in self._slots.values():
-            if slot.config.load == "startup":
+            if slot.config.provider:  # nothing to load: served as soon as we are
+                slot.state = "ready"
+                slot.ready.set()
+                if self._on_ready:
+                    self._on_ready(RemoteModel(slot.config, None, slot.config.upstream_model or slot.config.id))
+            elif slot.config.load == "startup":
                 self._load(slot)
 
     def _load_in_background(self, slot: _Slot) -> None:

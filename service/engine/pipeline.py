@@ -8,17 +8,19 @@ Matryoshka truncation) happens here, once, for all of them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
+import grpc
 import numpy as np
 
 from .. import errors
 from ..config import LimitsConfig
 from .batcher import Job
 from .cache import EmbeddingCache
-from .models import ModelRegistry, ServedModel
+from .models import ModelRegistry, RemoteModel, ServedModel
 from .pooling import l2_normalize
 from .tokenizer import Tokens
 
@@ -49,6 +51,8 @@ class EmbedRequest:
     deadline: float | None = None
     # The dialect's name for the inputs field, used in error messages.
     param: str = "input"
+    # Forward to this configured provider (Inworld's SERVICE_PROVIDER_OPENAI) with `model` as its model id.
+    provider: str | None = None
 
 
 @dataclass
@@ -67,10 +71,12 @@ class EmbedResult:
     token_embeddings: list[np.ndarray] | None = None
     cache_hits: int = 0
     timings: Timings = field(default_factory=Timings)
+    # Usage reported by an upstream provider (per-input counts are then unknown, and 0).
+    usage_tokens: int | None = None
 
     @property
     def total_tokens(self) -> int:
-        return sum(self.token_counts)
+        return self.usage_tokens if self.usage_tokens is not None else sum(self.token_counts)
 
 
 class Embedder:
@@ -95,8 +101,28 @@ class Embedder:
         if req.deadline is None:
             req.deadline = time.monotonic() + self.limits.request_timeout_seconds
         self._validate(req)
+        if req.provider:
+            provider = self.registry.provider(req.provider)
+            if provider is None:
+                raise errors.ServiceError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"SERVICE_PROVIDER_{req.provider.upper()} was asked for, but no {'OpenAI' if req.provider == 'openai' else req.provider}"
+                    " provider is configured on this server.",
+                    reason="PROVIDER_NOT_CONFIGURED",
+                    param="model.service_provider",
+                )
+            upstream = req.model
+            with contextlib.suppress(errors.ServiceError):  # a configured model of that provider: its upstream id
+                cfg = self.registry.configs[[c.id for c in self.registry.configs].index(self.registry.resolve(req.model))]
+                if cfg.provider == req.provider:
+                    upstream = cfg.upstream_model or cfg.id
+            if not upstream:
+                raise errors.invalid_argument("Name the provider's model: model.model is empty.", "model.model")
+            return await self._forward(req, provider, upstream, started)
         timeout = None if req.deadline is None else max(0.0, req.deadline - time.monotonic())
         model = await self.registry.get(req.model, wait=req.wait_for_model, timeout=timeout)
+        if isinstance(model, RemoteModel):
+            return await self._forward(req, model.provider, model.upstream_model, started, label=model.id)
         self._validate_options(req, model)
 
         loop = asyncio.get_running_loop()
@@ -150,6 +176,48 @@ class Embedder:
             token_embeddings=token_embeddings,
             cache_hits=hits,
             timings=timings,
+        )
+
+    async def _forward(self, req: EmbedRequest, provider, upstream: str, started: float, label: str | None = None) -> EmbedResult:
+        """A model another API serves: its vectors, then our own normalize / dimensions / cache."""
+        if req.token_embeddings:
+            raise errors.invalid_argument("Token embeddings (return_sequences) are not available for a model served by a provider.", req.param)
+        if req.prompt_name is not None:
+            raise errors.invalid_argument(f"Unknown prompt_name {req.prompt_name!r}: a model served by a provider has no prompts.", "prompt_name")
+        name = label or upstream
+        cache_model = f"{provider.name}/{upstream}"
+        keys = [(cache_model, 0, repr(x).encode() if not isinstance(x, str) else x.encode()) for x in req.inputs]
+        use_cache = req.use_cache and self.cache.enabled
+        found = {i: v for i, k in enumerate(keys) if use_cache and (v := self.cache.get(k)) is not None}
+        missing = [i for i in range(len(keys)) if i not in found]
+        tokens = 0
+        t0 = time.perf_counter()
+        rows: dict[int, np.ndarray] = dict(found)
+        if missing:
+            answer = await provider.embed([req.inputs[i] for i in missing], upstream, req.deadline)
+            tokens = answer.tokens
+            for row, i in enumerate(missing):
+                rows[i] = answer.vectors[row]
+                if use_cache:
+                    self.cache.put(keys[i], answer.vectors[row].copy())
+        vectors = np.stack([rows[i] for i in range(len(keys))]).astype(np.float32)
+        dim = vectors.shape[1]
+        if req.dimensions is not None and not 1 <= req.dimensions <= dim:
+            raise errors.invalid_argument(f"dimensions must be between 1 and {dim} for {name}; got {req.dimensions}.", "dimensions")
+        if req.dimensions is not None and req.dimensions < dim:
+            vectors = vectors[:, : req.dimensions]
+            if req.normalize is not False:
+                vectors = l2_normalize(vectors)
+        elif req.normalize:
+            vectors = l2_normalize(vectors)
+        elapsed = time.perf_counter() - t0
+        return EmbedResult(
+            model=name,
+            vectors=np.ascontiguousarray(vectors, dtype=np.float32),
+            token_counts=[0] * len(keys),
+            cache_hits=len(found),
+            timings=Timings(inference=elapsed, total=time.perf_counter() - started),
+            usage_tokens=tokens,
         )
 
     # -- steps ------------------------------------------------------------------------------------

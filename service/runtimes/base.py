@@ -22,6 +22,9 @@ class Runtime(ABC):
     hidden_size: int
     #: forward passes that may run at once (one batcher thread each); > 1 for runtimes with streams
     streams: int = 1
+    #: pad the sequence length of a batch up to a multiple of this: runtimes that keep state per input shape
+    #: (OpenVINO's kernel and memory caches grew past 1 GiB with every distinct length) see few shapes
+    seq_multiple: int = 1
 
     @abstractmethod
     def forward(

@@ -26,14 +26,14 @@ def cache_dir() -> Path:
 
 
 def _key(folder: str) -> str:
-    import torch
+    from importlib.metadata import version  # not `import torch`: the serving process never loads it
 
     h = hashlib.sha256(str(Path(folder).resolve()).encode())
     for f in sorted(Path(folder).glob("*")):
         if f.is_file():
             st = f.stat()
             h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
-    h.update(torch.__version__.encode())
+    h.update(version("torch").encode())
     return h.hexdigest()[:16]
 
 

@@ -1,0 +1,100 @@
+"""Prometheus metrics, served on their own port (`server.metrics_port`; Envoy's stay on its admin port).
+
+Counters and histograms are updated where things happen (the servicer wrapper, the batcher's callback);
+queue depths, cache state and model load times are read at scrape time by a collector, so nothing on the
+hot path keeps them up to date.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+REQUESTS = Counter("embedding_requests_total", "Requests answered, by dialect, model and gRPC status code", ["dialect", "model", "code"])
+REQUEST_SECONDS = Histogram("embedding_request_duration_seconds", "Time to answer a request, by dialect", ["dialect"], buckets=LATENCY_BUCKETS)
+STAGE_SECONDS = Histogram(
+    "embedding_stage_duration_seconds", "Time a request spent per stage (tokenize, queue, inference)", ["model", "stage"], buckets=LATENCY_BUCKETS
+)
+INPUTS = Counter("embedding_inputs_total", "Inputs embedded", ["model"])
+TOKENS = Counter("embedding_tokens_total", "Tokens embedded (special tokens included)", ["model"])
+BATCH_SIZE = Histogram("embedding_batch_size", "Inputs per forward pass", ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+BATCH_TOKENS = Histogram(
+    "embedding_batch_tokens", "Tokens per forward pass, padding included", ["model"], buckets=(16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384)
+)
+BATCH_SECONDS = Histogram("embedding_batch_duration_seconds", "Time of one forward pass with pooling", ["model"], buckets=LATENCY_BUCKETS)
+
+
+def observe_batch(model: str, stats) -> None:
+    BATCH_SIZE.labels(model).observe(stats.size)
+    BATCH_TOKENS.labels(model).observe(stats.padded_tokens)
+    BATCH_SECONDS.labels(model).observe(stats.seconds)
+
+
+def observe_request(dialect: str, model: str, code: str, seconds: float, result=None) -> None:
+    REQUESTS.labels(dialect, model, code).inc()
+    REQUEST_SECONDS.labels(dialect).observe(seconds)
+    if result is not None:
+        t = result.timings
+        STAGE_SECONDS.labels(result.model, "tokenize").observe(t.tokenize)
+        STAGE_SECONDS.labels(result.model, "queue").observe(t.queue)
+        STAGE_SECONDS.labels(result.model, "inference").observe(t.inference)
+        INPUTS.labels(result.model).inc(len(result.token_counts))
+        TOKENS.labels(result.model).inc(result.total_tokens)
+
+
+# What StateCollector reports at scrape time: (name as exposed, type, labels, help).
+STATE_METRICS = [
+    ("embedding_queue_inputs", "gauge", "model", "Inputs waiting in a model's queue"),
+    ("embedding_queue_tokens", "gauge", "model", "Tokens waiting in a model's queue"),
+    ("embedding_model_load_seconds", "gauge", "model", "Seconds the model took to load"),
+    ("embedding_model_ready", "gauge", "model, runtime", "1 once the model serves"),
+    ("embedding_inflight_requests", "gauge", "", "Requests being served"),
+    ("embedding_cache_hits_total", "counter", "", "Inputs answered from the embedding cache"),
+    ("embedding_cache_misses_total", "counter", "", "Inputs the cache did not hold"),
+    ("embedding_cache_hit_ratio", "gauge", "", "Cache hits over lookups"),
+    ("embedding_cache_bytes", "gauge", "", "Memory held by the embedding cache"),
+]
+_HELP = {name.removesuffix("_total"): doc for name, _, _, doc in STATE_METRICS}
+
+
+class StateCollector(Collector):
+    """Queue depth, in-flight requests, cache and model state, read when Prometheus scrapes."""
+
+    def __init__(self, registry, cache, embedder) -> None:
+        self.registry, self.cache, self.embedder = registry, cache, embedder
+
+    def collect(self):
+        depth = GaugeMetricFamily("embedding_queue_inputs", _HELP["embedding_queue_inputs"], labels=["model"])
+        queued = GaugeMetricFamily("embedding_queue_tokens", _HELP["embedding_queue_tokens"], labels=["model"])
+        load = GaugeMetricFamily("embedding_model_load_seconds", _HELP["embedding_model_load_seconds"], labels=["model"])
+        ready = GaugeMetricFamily("embedding_model_ready", _HELP["embedding_model_ready"], labels=["model", "runtime"])
+        for model in self.registry.loaded():
+            depth.add_metric([model.id], model.batcher.queued_inputs)
+            queued.add_metric([model.id], model.batcher.queued_tokens)
+            load.add_metric([model.id], model.load_seconds)
+            ready.add_metric([model.id, model.runtime.describe()], 1)
+        yield from (depth, queued, load, ready)
+        yield GaugeMetricFamily("embedding_inflight_requests", _HELP["embedding_inflight_requests"], value=self.embedder.inflight)
+        yield CounterMetricFamily("embedding_cache_hits", _HELP["embedding_cache_hits"], value=self.cache.hits)
+        yield CounterMetricFamily("embedding_cache_misses", _HELP["embedding_cache_misses"], value=self.cache.misses)
+        yield GaugeMetricFamily("embedding_cache_hit_ratio", _HELP["embedding_cache_hit_ratio"], value=self.cache.hit_rate)
+        yield GaugeMetricFamily("embedding_cache_bytes", _HELP["embedding_cache_bytes"], value=self.cache.bytes)
+
+
+def serve(host: str, port: int, collector: Collector) -> Callable[[], None] | None:
+    """Starts the metrics endpoint (port 0: none); returns a function that stops it."""
+    REGISTRY.register(collector)
+    if not port:
+        return None
+    server, thread = start_http_server(port, addr=host)
+
+    def stop() -> None:
+        server.shutdown()
+        thread.join(2)
+
+    return stop
