@@ -206,3 +206,18 @@ async def test_a_huge_request_does_not_hold_back_a_small_one(batcher, runtime):
     firsts = [firsts for _, _, firsts in runtime.batches[1:]]
     served_in = next(i for i, f in enumerate(firsts) if 5 in f)
     assert served_in <= 1, firsts  # its turn comes within a batch, not after the huge request's 20
+
+
+async def test_mostly_padding_batches_are_split_even_within_budget(runtime):
+    b = Batcher("pad", runtime, first_token_head, 2, 0, max_batch_tokens=100_000, max_batch_size=64)
+    b.start()
+    try:
+        loop = asyncio.get_running_loop()
+        blocker = await hold_worker(b, runtime, loop)
+        job = Job([tokens(10, 10), tokens(11, 12), tokens(12, 11), tokens(99, 150)], False, loop)
+        b.submit(job)
+        runtime.gate.set()
+        await asyncio.wait_for(asyncio.gather(blocker.future, job.future), 5)
+        assert sorted(sorted(f) for _, _, f in runtime.batches[1:]) == [[10, 11, 12], [99]]
+    finally:
+        b.stop(5)

@@ -100,6 +100,7 @@ class Batcher:
         max_batch_size: int,
         on_batch: Callable[[BatchStats], None] | None = None,
         max_width: int = 512,
+        max_padding: float = 0.4,
     ) -> None:
         self.name = name
         self.runtime = runtime
@@ -110,6 +111,9 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.on_batch = on_batch
         self.max_width = max_width  # the model's max_seq_length: padding to a multiple never goes past it
+        # Most of a batch's tokens that may be padding (a 10-token text waits for the next batch rather than
+        # join a batch of 150-token ones).
+        self.max_padding = max_padding
         self._cond = threading.Condition()
         self._keys: list[tuple[int, int]] = []  # sorted
         self._entries: list[_Entry] = []  # parallel to _keys
@@ -218,24 +222,29 @@ class Batcher:
         keys = self._keys
         pos = bisect.bisect_left(keys, anchor.key)
         lo = hi = pos
-        longest = keys[pos][0]
+        longest = real = keys[pos][0]
         n = 1
-        budget, cap = self.max_batch_tokens, self.max_batch_size
-        # Grow the window [lo, hi] over the sorted queue, each step adding the neighbour that adds the least padding.
+        budget, cap, keep = self.max_batch_tokens, self.max_batch_size, 1.0 - self.max_padding
+        # Grow the window [lo, hi] over the sorted queue, each step adding the neighbour that adds the least padding,
+        # while the batch fits the token budget and stays mostly real tokens (what doesn't fit forms the next batch,
+        # which another stream can run beside this one).
         while n < cap:
-            left_cost = longest - keys[lo - 1][0] if lo > 0 and (n + 1) * longest <= budget else None
-            right_cost = None
+            left_cost = right_cost = None
+            if lo > 0 and (n + 1) * longest <= budget and real + keys[lo - 1][0] >= keep * (n + 1) * longest:
+                left_cost = longest - keys[lo - 1][0]
             if hi + 1 < len(keys):
                 new_longest = keys[hi + 1][0]
-                if (n + 1) * new_longest <= budget:
+                if (n + 1) * new_longest <= budget and real + new_longest >= keep * (n + 1) * new_longest:
                     right_cost = (new_longest - longest) * n
             if left_cost is None and right_cost is None:
                 break
             if right_cost is None or (left_cost is not None and left_cost <= right_cost):
                 lo -= 1
+                real += keys[lo][0]
             else:
                 hi += 1
                 longest = keys[hi][0]
+                real += longest
             n += 1
         window = self._entries[lo : hi + 1]
         del self._keys[lo : hi + 1]
