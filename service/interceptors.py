@@ -7,7 +7,7 @@ from typing import Awaitable, Callable
 
 import grpc
 
-from . import auth, errors
+from . import auth, errors, metrics
 from .dialects import dialect_of
 from .envoy import REST_MARK
 
@@ -33,6 +33,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             auth.check(self.store, dialect, metadata, rest=REST_MARK in metadata)
         except errors.ServiceError as err:
             log.debug("unauthenticated", extra={"dialect": dialect, "reason": err.reason, "method": details.method})
+            metrics.observe_request(dialect, "", err.code.name, 0.0)
             return _refuse(err, dialect)
         return await continuation(details)
 

@@ -126,6 +126,7 @@ async def main_async(args) -> int:
         f"Written by `make load` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {args.clients} concurrent clients, "
         f"{args.seconds:.0f} s per run, two runs back to back against one server behind Envoy, on loopback. Each request: a",
         "random dialect (Inworld, OpenAI base64 / float, AIGNE, Hugging Face, HrFlow) and 1–16 texts from the benchmark corpus.",
+        "The embedding cache is on (the default) and texts repeat, as they do in real traffic.",
         "",
         "| run | requests | requests/s | p50 ms | p99 ms | outcomes (HTTP status: count) | server RSS before → after |",
         "| --- | ---: | ---: | ---: | ---: | --- | --- |",
