@@ -33,35 +33,22 @@ DIALECT = "hrflow"
 ITEM_TYPES = ("profile", "job")
 
 # (field, how): "text" a string, "entries" a list of objects (with their keys in order), "names" a list of named things.
-PROFILE_PARTS: list[tuple[str, str, tuple[str, ...]]] = [
+Part = tuple[str, str, tuple[str, ...]]
+# Lists of named things both item types end with, in this order.
+NAMED_LISTS: list[Part] = [(f, "names", ()) for f in ("skills", "languages", "certifications", "courses", "tasks", "interests", "tags")]
+PROFILE_PARTS: list[Part] = [
     ("info.summary", "text", ()),
     ("summary", "text", ()),
     ("experiences", "entries", ("title", "company", "description")),
     ("educations", "entries", ("title", "school", "description")),
-    ("skills", "names", ()),
-    ("languages", "names", ()),
-    ("certifications", "names", ()),
-    ("courses", "names", ()),
-    ("tasks", "names", ()),
-    ("interests", "names", ()),
-    ("tags", "names", ()),
+    *NAMED_LISTS,
 ]
-JOB_PARTS: list[tuple[str, str, tuple[str, ...]]] = [
+JOB_PARTS: list[Part] = [
     ("name", "text", ()),
     ("summary", "text", ()),
     ("sections", "entries", ("title", "name", "description")),
-    ("culture", "text", ()),
-    ("responsibilities", "text", ()),
-    ("requirements", "text", ()),
-    ("benefits", "text", ()),
-    ("interviews", "text", ()),
-    ("skills", "names", ()),
-    ("languages", "names", ()),
-    ("certifications", "names", ()),
-    ("courses", "names", ()),
-    ("tasks", "names", ()),
-    ("interests", "names", ()),
-    ("tags", "names", ()),
+    *[(f, "text", ()) for f in ("culture", "responsibilities", "requirements", "benefits", "interviews")],
+    *NAMED_LISTS,
 ]
 
 

@@ -225,6 +225,10 @@ class ModelRegistry:
         except KeyError:
             raise errors.model_not_found(name, self.names()) from None
 
+    def config(self, name: str) -> ModelConfig:
+        """The configuration of the model `name` (an id or alias) names."""
+        return self._slots[self.resolve(name)].config
+
     def state(self, model_id: str) -> str:
         return self._slots[model_id].state
 

@@ -102,23 +102,7 @@ class Embedder:
             req.deadline = time.monotonic() + self.limits.request_timeout_seconds
         self._validate(req)
         if req.provider:
-            provider = self.registry.provider(req.provider)
-            if provider is None:
-                raise errors.ServiceError(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"SERVICE_PROVIDER_{req.provider.upper()} was asked for, but no {'OpenAI' if req.provider == 'openai' else req.provider}"
-                    " provider is configured on this server.",
-                    reason="PROVIDER_NOT_CONFIGURED",
-                    param="model.service_provider",
-                )
-            upstream = req.model
-            with contextlib.suppress(errors.ServiceError):  # a configured model of that provider: its upstream id
-                cfg = self.registry.configs[[c.id for c in self.registry.configs].index(self.registry.resolve(req.model))]
-                if cfg.provider == req.provider:
-                    upstream = cfg.upstream_model or cfg.id
-            if not upstream:
-                raise errors.invalid_argument("Name the provider's model: model.model is empty.", "model.model")
-            return await self._forward(req, provider, upstream, started)
+            return await self._forward(req, *self._provider_route(req), started)
         timeout = None if req.deadline is None else max(0.0, req.deadline - time.monotonic())
         model = await self.registry.get(req.model, wait=req.wait_for_model, timeout=timeout)
         if isinstance(model, RemoteModel):
@@ -177,6 +161,26 @@ class Embedder:
             cache_hits=hits,
             timings=timings,
         )
+
+    def _provider_route(self, req: EmbedRequest) -> tuple[object, str]:
+        """The provider a request names (Inworld's SERVICE_PROVIDER_OPENAI) and the model id to ask it for."""
+        provider = self.registry.provider(req.provider or "")
+        if provider is None:
+            raise errors.ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"SERVICE_PROVIDER_{(req.provider or '').upper()} was asked for, but no "
+                f"{'OpenAI' if req.provider == 'openai' else req.provider} provider is configured on this server.",
+                reason="PROVIDER_NOT_CONFIGURED",
+                param="model.service_provider",
+            )
+        upstream = req.model
+        with contextlib.suppress(errors.ServiceError):  # a configured model of that provider: its upstream id
+            cfg = self.registry.config(req.model)
+            if cfg.provider == req.provider:
+                upstream = cfg.upstream_model or cfg.id
+        if not upstream:
+            raise errors.invalid_argument("Name the provider's model: model.model is empty.", "model.model")
+        return provider, upstream
 
     async def _forward(self, req: EmbedRequest, provider, upstream: str, started: float, label: str | None = None) -> EmbedResult:
         """A model another API serves: its vectors, then our own normalize / dimensions / cache."""
