@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROTOS := $(shell find proto -name '*.proto' | sort)
 GEN_STAMP := gen/.stamp
+HRFLOW_VENV := .venv-hrflow
+HRFLOW_STAMP := $(HRFLOW_VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
@@ -20,8 +22,6 @@ test: $(GEN_STAMP) $(HRFLOW_STAMP)  ## every test, against a real Envoy, a real 
 venv: $(STAMP)
 
 # The HrFlow SDK lives in its own environment: it installs stray top-level `tests` and `libs` packages.
-HRFLOW_VENV := .venv-hrflow
-HRFLOW_STAMP := $(HRFLOW_VENV)/.installed
 $(HRFLOW_STAMP):
 	@test -x $(HRFLOW_VENV)/bin/python || $(PYTHON) -m venv $(HRFLOW_VENV)
 	$(HRFLOW_VENV)/bin/python -m pip install --quiet hrflow==1.9.0 numpy
