@@ -9,6 +9,8 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# gRPC's C core logs to stderr past our structured logs; errors only.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from . import config as config_mod  # noqa: E402
 from . import logs  # noqa: E402

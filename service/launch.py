@@ -98,7 +98,7 @@ class Stack:
         self.server_ports = [free_port() if not base_port else base_port + i for i in range(self.replicas)]
         base_metrics = self.config.server.metrics_port
         self.metrics_ports = [free_port() if not base_metrics else base_metrics + i for i in range(self.replicas)]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", **self.extra_env}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "GRPC_VERBOSITY": "ERROR", **self.extra_env}
         for i, port in enumerate(self.server_ports):
             cfg = copy.deepcopy(self.config)
             cfg.server.grpc_port = port

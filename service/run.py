@@ -9,6 +9,7 @@ import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from . import config as config_mod  # noqa: E402
 from .launch import Stack  # noqa: E402
