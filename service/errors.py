@@ -9,11 +9,11 @@ writes its own error JSON, so every route reports the same failure the same way.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
 import grpc
-import orjson
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
@@ -160,13 +160,9 @@ def trailing_metadata(err: ServiceError, dialect: str) -> tuple[tuple[str, str |
 # ---------------------------------------------------------------------------------------------
 # REST: each dialect's own body. JSON is kept ASCII (escaped) so it can travel as gRPC metadata.
 
-_ASCII = orjson.OPT_NON_STR_KEYS
-
-
 def _dumps(obj: object) -> bytes:
-    # orjson writes UTF-8; gRPC metadata must be printable ASCII, so escape the rest as \uXXXX.
-    text = orjson.dumps(obj, option=_ASCII).decode("utf-8")
-    return text.encode("ascii", "backslashreplace").replace(b"\\x", b"\\u00") if not text.isascii() else text.encode()
+    # gRPC metadata must be printable ASCII: the stdlib escapes everything else as \uXXXX (surrogate pairs included).
+    return json.dumps(obj, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
 def render_body(err: ServiceError, dialect: str) -> bytes | None:

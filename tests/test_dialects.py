@@ -136,6 +136,7 @@ def test_openai_exact_response_shape(stack):
         ({"input": "a", "model": MODEL, "dimensions": 0}, 400, "dimensions", "at least 1"),
         ({"input": "a", "model": MODEL, "dimensions": 385}, 400, "dimensions", "between 1 and 384"),
         ({"input": "a", "model": "text-embedding-3-small"}, 404, "model", "does not exist"),
+        ({"input": "a", "model": "café 🙂 \\x41"}, 404, "model", "café 🙂 \\x41"),
     ],
 )
 @pytest.mark.parametrize("route", ["/v1/embeddings", "/api/embeddings"])
