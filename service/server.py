@@ -24,16 +24,9 @@ from .dialects import hrflow, huggingface, inworld, openai
 from .engine.cache import EmbeddingCache
 from .engine.models import ModelRegistry, ServedModel
 from .engine.pipeline import Embedder
+from .launch import free_port
 
 log = logging.getLogger(__name__)
-
-
-def free_port(host: str) -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 SERVICE_NAMES = [
     inworld_pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name,

@@ -210,12 +210,6 @@ def cosine_stats(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return float(cos.min()), float(cos.mean())
 
 
-def available_modes() -> list[tuple[str, str]]:
-    from ..runtimes import MODES
-
-    return list(MODES)
-
-
 async def bench(args) -> int:
     from tokenizers import Tokenizer
 
@@ -245,7 +239,9 @@ async def bench(args) -> int:
     cfg = Config().validate()
     cfg.cache.max_bytes = 0
     default_mode = resolve_mode(cfg.default_model())
-    modes = [m for m in available_modes() if not args.modes or f"{m[0]}/{m[1]}" in args.modes]
+    from ..runtimes import MODES
+
+    modes = [m for m in MODES if not args.modes or f"{m[0]}/{m[1]}" in args.modes]
     print(f"== runtimes in process (concurrency 32, 32 texts per request); default: {default_mode[0]}/{default_mode[1]}", flush=True)
     for runtime, precision in modes:
         mcfg = copy.deepcopy(cfg.default_model())

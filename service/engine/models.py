@@ -209,10 +209,6 @@ class ModelRegistry:
 
     # -- lookup ---------------------------------------------------------------------------------
 
-    @property
-    def configs(self) -> list[ModelConfig]:
-        return [s.config for s in self._slots.values()]
-
     def names(self) -> list[str]:
         return list(self._names)
 

@@ -103,8 +103,7 @@ class Embedder:
         self._validate(req)
         if req.provider:
             return await self._forward(req, *self._provider_route(req), started)
-        timeout = None if req.deadline is None else max(0.0, req.deadline - time.monotonic())
-        model = await self.registry.get(req.model, wait=req.wait_for_model, timeout=timeout)
+        model = await self.registry.get(req.model, wait=req.wait_for_model, timeout=max(0.0, req.deadline - time.monotonic()))
         if isinstance(model, RemoteModel):
             return await self._forward(req, model.provider, model.upstream_model, started, label=model.id)
         self._validate_options(req, model)

@@ -34,7 +34,6 @@ class TextTokenizer:
         self.lowercase = lowercase
         self.vocab_size = vocab_size
         self.pad_id = tokenizer.padding["pad_id"] if tokenizer.padding else 0
-        self.special_count = tokenizer.num_special_tokens_to_add(is_pair=False)
         # One configured copy per truncation side: the settings are per object, and objects are shared by threads.
         self._variants: dict[str, Tokenizer] = {}
         for side in ("right", "left", "none"):
