@@ -63,9 +63,14 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(cfg.to_dict(mask_secrets=True), sort_keys=False), end="")
         return 0
     logs.setup(cfg.server.log_level, cfg.server.log_format)
+    from .auth import KeysFileError
     from .server import serve
 
-    asyncio.run(serve(cfg))
+    try:
+        asyncio.run(serve(cfg))
+    except KeysFileError as e:  # its message names the file and the problem, never the file's content
+        print(f"configuration error: auth.keys_file: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

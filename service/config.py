@@ -97,6 +97,21 @@ class ServerConfig:
     inference_threads: int = 0
     # Seconds in-flight requests get to finish after SIGTERM.
     grace_seconds: float = 10.0
+    # Seconds after SIGTERM during which the server, already NOT_SERVING (so load balancers stop sending), still
+    # accepts new requests that were on their way; then it refuses new ones and drains. Pods set it (deploy/).
+    drain_delay_seconds: float = 0.0
+    # Largest gRPC message accepted on the native port (and from Envoy); refused before it is parsed.
+    max_message_bytes: int = 16 * 1024 * 1024
+    # Calls and streams the gRPC server serves at once; more are refused (RESOURCE_EXHAUSTED) before they are parsed.
+    max_concurrent_rpcs: int = 1024
+    # Health Watch streams open at once; more are refused (RESOURCE_EXHAUSTED).
+    max_health_watchers: int = 64
+    # Worker processes that parse large request bodies and print large responses, off the event loop (0: inline).
+    offload_workers: int = 1
+    # Serve gRPC server reflection (the API's shape; no data). Open by design when on.
+    reflection: bool = True
+    # Health also answers per model (`model:<id>`), which tells any caller the model ids. Open by design when on.
+    health_per_model: bool = True
     # debug | info | warning | error (info: lifecycle only; debug: a line per request).
     log_level: str = "info"
     # json (one object per line, for collectors) | text (for a terminal)
@@ -111,6 +126,14 @@ class EnvoyConfig:
     listen_port: int = 8080
     # Port of Envoy's admin interface (always on loopback).
     admin_port: int = 9901
+    # Serve Envoy's readiness listener (on listen_host): it answers only GET /ready, 200 while the local server is
+    # healthy and Envoy is not draining. What the kubelet probes, instead of the (loopback-only) admin interface.
+    readiness: bool = True
+    # Port of the readiness listener.
+    readiness_port: int = 9902
+    # Times Envoy tries a request again on another replica, only when that replica could not answer it (connection
+    # failures, or the server marked it: draining, model loading); never for an upstream provider's failure.
+    retries: int = 2
     # Largest REST body accepted; sized for 2048 inputs of ~2 KB each.
     max_request_bytes: int = 8 * 1024 * 1024
     # Largest REST body returned: 2048 vectors of 1024 floats as JSON text is ~45 MB.
@@ -144,8 +167,10 @@ class AuthConfig:
     # A YAML file `keys: [{name, key, secret}]`, re-read on SIGHUP. Keys may also come from $EMBED_API_KEYS
     # ("key" or "key:secret", comma-separated). No keys at all: the service is open.
     keys_file: str = ""
-    # With no keys, the server binds to loopback only unless this is true.
+    # With no keys, the server and Envoy bind to loopback only (and refuse callers from elsewhere) unless this is true.
     allow_open_non_loopback: bool = False
+    # Seconds between checks of the keys file for changes (a Kubernetes Secret updates in place); 0: SIGHUP only.
+    reload_interval_seconds: float = 2.0
 
 
 @dataclass
@@ -164,6 +189,17 @@ class TracingConfig:
 class CacheConfig:
     # Memory bound of the embedding cache (vectors and keys); 0 disables it.
     max_bytes: int = 64 * 1024 * 1024
+    # With keys configured, each credential has its own cache entries, so one tenant can never tell (from
+    # `x-cache` or timing) what another embedded. false: one cache shared by every key (single-tenant setups).
+    per_credential: bool = True
+
+
+@dataclass
+class DialectsConfig:
+    # Dialects to serve that are off by default (by name, e.g. `ollama`).
+    enabled: list[str] = field(default_factory=list)
+    # Dialects not to serve (by name, e.g. `hrflow`): the server does not register them, Envoy has no route to them.
+    disabled: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -174,6 +210,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
+    dialects: DialectsConfig = field(default_factory=DialectsConfig)
     models: list[ModelConfig] = field(default_factory=lambda: [ModelConfig(default=True)])
     providers: list[ProviderConfig] = field(default_factory=list)
 
@@ -239,7 +276,7 @@ class Config:
             raise ConfigError(f"tracing.sample_ratio: must be between 0 and 1, not {self.tracing.sample_ratio}")
         for key in ("grpc_port", "metrics_port"):
             _check_port(f"server.{key}", getattr(self.server, key))
-        for key in ("listen_port", "admin_port"):
+        for key in ("listen_port", "admin_port", "readiness_port"):
             _check_port(f"envoy.{key}", getattr(self.envoy, key))
         if self.server.log_format not in ("json", "text"):
             raise ConfigError(f"server.log_format: {self.server.log_format!r} is not one of json, text")
@@ -248,6 +285,21 @@ class Config:
                 raise ConfigError(f"limits.{key}: must be >= 1, not {value}")
         if self.auth.keys_file and not Path(self.auth.keys_file).is_file():
             raise ConfigError(f"auth.keys_file: {self.auth.keys_file!r} is not a file")
+        if self.server.offload_workers < 0:
+            raise ConfigError("server.offload_workers: must be >= 0")
+        for key in ("max_message_bytes", "max_concurrent_rpcs", "max_health_watchers"):
+            if getattr(self.server, key) < 1:
+                raise ConfigError(f"server.{key}: must be >= 1")
+        for key in ("grace_seconds", "drain_delay_seconds"):
+            if getattr(self.server, key) < 0:
+                raise ConfigError(f"server.{key}: must be >= 0")
+        if self.auth.reload_interval_seconds < 0:
+            raise ConfigError("auth.reload_interval_seconds: must be >= 0")
+        if not 0 <= self.envoy.retries <= 10:
+            raise ConfigError("envoy.retries: must be between 0 and 10")
+        both = set(self.dialects.enabled) & set(self.dialects.disabled)
+        if both:
+            raise ConfigError(f"dialects: {sorted(both)} both enabled and disabled")
         if self.cache.max_bytes < 0:
             raise ConfigError("cache.max_bytes: must be >= 0")
         return self

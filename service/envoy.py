@@ -13,15 +13,16 @@ unknown route, body too large, no upstream) are shaped per route by `local_reply
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from . import dialects
 from .config import Config, load
-from .errors import ERROR_BODY_HEADER
+from .errors import ERROR_BODY_HEADER, HTTP_STATUS_HEADER, RETRY_ELSEWHERE_HEADER
 
 # Set by the Lua filter on requests that arrived as REST (the server reads it as metadata).
 REST_MARK = "x-embed-rest"
@@ -29,43 +30,26 @@ ROOT = Path(__file__).resolve().parents[1]
 DESCRIPTOR = ROOT / "gen" / "descriptor.pb"
 
 
-@dataclass(frozen=True)
-class DialectRoutes:
-    """Paths of one dialect (REST and gRPC method prefixes) and the body of Envoy's own error replies there."""
-
-    name: str
-    prefixes: tuple[str, ...]
-    body: dict[str, Any]
+# Written by Envoy on every request it forwards: the address its caller connected from (anything a caller sent
+# under this name is overwritten). An open service (no keys) refuses calls whose downstream is not loopback.
+DOWNSTREAM_HEADER = "x-embed-downstream"
 
 
-# The gRPC services the transcoder exposes.
-SERVICES = [
-    "ai.inworld.embedding.v1alpha.EmbeddingService",
-    "embedding.dialects.v1.OpenAI",
-    "embedding.dialects.v1.HuggingFace",
-    "embedding.dialects.v1.HrFlow",
-]
+def keys_configured(config: Config, env: dict[str, str] | None = None) -> bool:
+    """Whether the service this renders for will require keys (a keys file, or keys in its environment)."""
+    from .auth import ENV_KEYS
 
-# Envoy's own replies (malformed JSON, wrong types, body too large) in each dialect's error shape. A body
-# parse error happens after the transcoder rewrote :path to the gRPC method, hence both prefixes.
-# Routes not listed here (Inworld's, unknown paths) get google.rpc.Status JSON.
-DIALECT_ROUTES: list[DialectRoutes] = [
-    DialectRoutes(
-        "openai",
-        ("/v1/embeddings", "/v1/models", "/api/embeddings", "/embedding.dialects.v1.OpenAI/"),
-        {"error": {"message": "%LOCAL_REPLY_BODY%", "type": "invalid_request_error", "param": None, "code": None}},
-    ),
-    DialectRoutes(
-        "huggingface",
-        ("/models/", "/embedding.dialects.v1.HuggingFace/"),
-        {"error": "%LOCAL_REPLY_BODY%", "error_type": "Validation"},
-    ),
-    DialectRoutes(
-        "hrflow",
-        ("/v1/document/", "/embedding.dialects.v1.HrFlow/"),
-        {"code": "%RESPONSE_CODE%", "message": "%LOCAL_REPLY_BODY%"},
-    ),
-]
+    env = os.environ if env is None else env
+    return bool(config.auth.keys_file or env.get(ENV_KEYS, "").strip())
+
+
+def listen_host(config: Config, env: dict[str, str] | None = None) -> str:
+    """Envoy's listener address: an open service stays on loopback, as the server itself does."""
+    host = config.envoy.listen_host
+    if not keys_configured(config, env) and not config.auth.allow_open_non_loopback and host not in ("127.0.0.1", "::1", "localhost"):
+        return "127.0.0.1"
+    return host
+
 
 # google.rpc.Code for the HTTP statuses Envoy answers by itself.
 GRPC_CODE_FOR_HTTP = {400: 3, 401: 16, 403: 7, 404: 5, 405: 12, 413: 3, 429: 8, 500: 13, 501: 12, 503: 14, 504: 4}
@@ -78,6 +62,14 @@ function envoy_on_request(handle)
   local ctype = handle:headers():get("content-type") or ""
   if string.find(ctype, "application/grpc", 1, true) ~= 1 then
     handle:headers():replace("{REST_MARK}", "1")
+    -- Google's APIs also take the key as `?key=`: give it to the server as the header Gemini's clients send.
+    if handle:headers():get("x-goog-api-key") == nil then
+      local key = string.match(handle:headers():get(":path") or "", "[?&]key=([^&]*)")
+      if key ~= nil and key ~= "" then
+        key = string.gsub(key, "%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end)
+        handle:headers():replace("x-goog-api-key", key)
+      end
+    end
   end
 end
 
@@ -91,6 +83,12 @@ function envoy_on_response(handle)
   headers:remove("grpc-message")
   headers:remove("grpc-accept-encoding")
   headers:remove("grpc-status-details-bin")
+  headers:remove("{RETRY_ELSEWHERE_HEADER}")
+  local status = headers:get("{HTTP_STATUS_HEADER}")
+  if status ~= nil then
+    headers:remove("{HTTP_STATUS_HEADER}")
+    headers:replace(":status", status)
+  end
   local body = headers:get("{ERROR_BODY_HEADER}")
   if body == nil then
     return
@@ -114,13 +112,22 @@ def _paths(prefixes: tuple[str, ...]) -> dict[str, Any]:
     return filters[0] if len(filters) == 1 else {"or_filter": {"filters": filters}}
 
 
-def local_reply_config() -> dict[str, Any]:
+def local_reply_config(served: tuple[dialects.Dialect, ...]) -> dict[str, Any]:
+    """Envoy's own replies (malformed JSON, wrong types, body too large) in each dialect's error shape.
+
+    A body parse error happens after the transcoder rewrote :path to the gRPC method, hence the service
+    prefixes beside the REST ones. Routes of dialects without a body of their own (Inworld's, unknown paths)
+    get google.rpc.Status JSON.
+    """
     mappers = []
-    for dialect in DIALECT_ROUTES:
+    for dialect in served:
+        if dialect.envoy_error_body is None:
+            continue
+        prefixes = (*dialect.rest_prefixes, *(f"/{s}/" for s in dialect.services))
         mappers.append(
             {
-                "filter": {"and_filter": {"filters": [_not_grpc(), _paths(dialect.prefixes)]}},
-                "body_format_override": {"json_format": dialect.body},
+                "filter": {"and_filter": {"filters": [_not_grpc(), _paths(prefixes)]}},
+                "body_format_override": {"json_format": dialect.envoy_error_body},
             }
         )
     for http, code in GRPC_CODE_FOR_HTTP.items():
@@ -139,8 +146,10 @@ def local_reply_config() -> dict[str, Any]:
 def render(config: Config, upstreams: list[tuple[str, int]] | None = None, descriptor: Path | str = DESCRIPTOR) -> dict[str, Any]:
     """The Envoy bootstrap for `config`, forwarding to `upstreams` (default: the configured gRPC server)."""
     env = config.envoy
+    served = dialects.enabled(config)
     upstreams = upstreams or [(config.server.host if config.server.host not in ("0.0.0.0", "::") else "127.0.0.1", config.server.grpc_port)]
     timeout = f"{env.route_timeout_seconds:g}s"
+    host = listen_host(config)
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "embeddings",
@@ -159,15 +168,24 @@ def render(config: Config, upstreams: list[tuple[str, int]] | None = None, descr
                     "routes": [
                         {
                             "match": {"prefix": "/"},
+                            "request_headers_to_add": [
+                                {
+                                    "header": {"key": DOWNSTREAM_HEADER, "value": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"},
+                                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                                }
+                            ],
                             "route": {
                                 "cluster": "embedding_grpc",
                                 "timeout": timeout,
                                 "max_stream_duration": {"grpc_timeout_header_max": timeout},
-                                # Embedding is idempotent: a request a replica could not answer (it died,
-                                # or is draining and refuses new calls) is tried on another one.
+                                # Embedding is idempotent: a request a replica could not answer (it died, reset the
+                                # stream, or said so: draining, model loading) is tried on another one. Nothing else
+                                # is retried here: an upstream provider's failure was already retried by the server,
+                                # so one request has one retry budget end to end.
                                 "retry_policy": {
-                                    "retry_on": "connect-failure,refused-stream,reset,unavailable",
-                                    "num_retries": 5,
+                                    "retry_on": "connect-failure,refused-stream,reset,retriable-headers",
+                                    "retriable_headers": [{"name": RETRY_ELSEWHERE_HEADER, "present_match": True}],
+                                    "num_retries": env.retries,
                                     "per_try_timeout": timeout,
                                     "retry_host_predicate": [
                                         {
@@ -183,7 +201,7 @@ def render(config: Config, upstreams: list[tuple[str, int]] | None = None, descr
                 }
             ],
         },
-        "local_reply_config": local_reply_config(),
+        "local_reply_config": local_reply_config(served),
         "http_filters": [
             # Listed before the transcoder, so it sees responses after the transcoder made them JSON.
             {
@@ -206,7 +224,7 @@ def render(config: Config, upstreams: list[tuple[str, int]] | None = None, descr
                 "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
                     "proto_descriptor": str(descriptor),
-                    "services": SERVICES,
+                    "services": [name for d in served for name in d.services],
                     "print_options": {
                         "add_whitespace": False,
                         # `"index": 0`, `"tokenCount": 0`: every field present, as clients expect.
@@ -227,17 +245,21 @@ def render(config: Config, upstreams: list[tuple[str, int]] | None = None, descr
             {"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
         ],
     }
+    listeners = [
+        {
+            "name": "embeddings",
+            "address": {"socket_address": {"address": host, "port_value": env.listen_port}},
+            "per_connection_buffer_limit_bytes": 1024 * 1024,
+            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
+        }
+    ]
+    if env.readiness:
+        listeners.append(readiness_listener(host, env.readiness_port, len(upstreams)))
     return {
+        # Never beyond loopback: the admin interface can stop Envoy. Probes use the readiness listener.
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": env.admin_port}}},
         "static_resources": {
-            "listeners": [
-                {
-                    "name": "embeddings",
-                    "address": {"socket_address": {"address": env.listen_host, "port_value": env.listen_port}},
-                    "per_connection_buffer_limit_bytes": 1024 * 1024,
-                    "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
-                }
-            ],
+            "listeners": listeners,
             "clusters": [
                 {
                     "name": "embedding_grpc",
@@ -250,6 +272,8 @@ def render(config: Config, upstreams: list[tuple[str, int]] | None = None, descr
                         {
                             "timeout": "1s",
                             "interval": "2s",
+                            # Also before the cluster's first request (default 60 s): readiness follows the server at once.
+                            "no_traffic_interval": "2s",
                             "unhealthy_threshold": 1,
                             "healthy_threshold": 1,
                             "grpc_health_check": {},
@@ -283,6 +307,43 @@ def render(config: Config, upstreams: list[tuple[str, int]] | None = None, descr
                 }
             ],
         },
+    }
+
+
+def readiness_listener(host: str, port: int, replicas: int) -> dict[str, Any]:
+    """A listener that answers only `GET /ready`: 200 while at least one local server passes Envoy's gRPC health
+    check (all of them for a pod's one server) and Envoy is not draining, else 503; every other path is 404.
+
+    It is what the kubelet probes, on the pod's address, without exposing the admin interface.
+    """
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "readiness",
+        "codec_type": "AUTO",
+        "route_config": {
+            "name": "readiness",
+            "virtual_hosts": [
+                {"name": "readiness", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "direct_response": {"status": 404}}]}
+            ],
+        },
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.health_check",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.health_check.v3.HealthCheck",
+                    "pass_through_mode": False,
+                    "headers": [{"name": ":path", "string_match": {"exact": "/ready"}}],
+                    # Healthy hosts as a percentage: one of `replicas` is enough.
+                    "cluster_min_healthy_percentages": {"embedding_grpc": {"value": round(100.0 / replicas - 0.01, 2)}},
+                },
+            },
+            {"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
+        ],
+    }
+    return {
+        "name": "readiness",
+        "address": {"socket_address": {"address": host, "port_value": port}},
+        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
     }
 
 

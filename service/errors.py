@@ -9,16 +9,26 @@ writes its own error JSON, so every route reports the same failure the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
+if TYPE_CHECKING:
+    from .dialects import Dialect
+
 DOMAIN = "embedding-service"
 ERROR_BODY_HEADER = "x-error-body"
+# Set on a failure another replica could answer (this one is draining, its model is loading or its batcher
+# died): Envoy retries only these (and connection failures), so one request has one retry budget end to end.
+RETRY_ELSEWHERE_HEADER = "x-embed-retry-elsewhere"
+# The HTTP status a REST caller gets, where the dialect's API uses one the transcoder's table does not give.
+HTTP_STATUS_HEADER = "x-embed-http-status"
 
 # The HTTP status Envoy's transcoder (and grpc-gateway) gives each gRPC code; used where a body repeats it.
 HTTP_STATUS = {
@@ -41,21 +51,6 @@ HTTP_STATUS = {
     grpc.StatusCode.UNAUTHENTICATED: 401,
 }
 
-# OpenAI's `error.type` by HTTP status (the values its API and SDKs use).
-_OPENAI_TYPE = {
-    400: "invalid_request_error",
-    401: "invalid_request_error",
-    403: "permission_error",
-    404: "invalid_request_error",
-    429: "rate_limit_exceeded",
-    503: "server_error",
-    504: "server_error",
-}
-
-# Text Embeddings Inference's `error_type`, which Hugging Face clients show beside `error`.
-_HF_TYPE = {400: "Validation", 401: "Unauthorized", 404: "NotFound", 413: "Validation", 429: "Overloaded", 503: "Unhealthy"}
-
-
 @dataclass
 class ServiceError(Exception):
     """A failure with everything each dialect needs to report it."""
@@ -73,9 +68,14 @@ class ServiceError(Exception):
     # For NOT_FOUND: the kind and name of what is missing (google.rpc.ResourceInfo).
     resource: tuple[str, str] | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    # Another replica could answer this request (see RETRY_ELSEWHERE_HEADER).
+    retry_elsewhere: bool = False
 
     def __post_init__(self) -> None:
         super().__init__(self.message)
+
+    def __reduce__(self):  # crosses from the offload workers intact (Exception's default pickles only args)
+        return (self.__class__, tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
 
     @property
     def http_status(self) -> int:
@@ -105,6 +105,7 @@ def model_loading(name: str, estimated_time: float) -> ServiceError:
         f"Model {name} is currently loading",
         reason="MODEL_LOADING",
         retry_after=max(1.0, estimated_time),
+        retry_elsewhere=True,
         estimated_time=round(max(0.0, estimated_time), 1),
     )
 
@@ -146,11 +147,17 @@ def to_rpc_status(err: ServiceError) -> status_pb2.Status:
     return status_pb2.Status(code=err.code.value[0], message=err.message, details=packed)
 
 
-def trailing_metadata(err: ServiceError, dialect: str) -> tuple[tuple[str, str | bytes], ...]:
+def trailing_metadata(err: ServiceError, dialect: Dialect | None) -> tuple[tuple[str, str | bytes], ...]:
     """What travels with the status: rich details, Retry-After, and the dialect's own body for Envoy."""
     md: list[tuple[str, str | bytes]] = [("grpc-status-details-bin", to_rpc_status(err).SerializeToString())]
     if err.retry_after is not None:
         md.append(("retry-after", str(math.ceil(err.retry_after))))
+    if err.retry_elsewhere:
+        md.append((RETRY_ELSEWHERE_HEADER, "1"))
+    if dialect is not None and dialect.http_status is not None:
+        status = dialect.http_status(err)
+        if status != err.http_status:
+            md.append((HTTP_STATUS_HEADER, str(status)))
     body = render_body(err, dialect)
     if body is not None:
         md.append((ERROR_BODY_HEADER, body.decode("ascii")))
@@ -158,32 +165,17 @@ def trailing_metadata(err: ServiceError, dialect: str) -> tuple[tuple[str, str |
 
 
 # ---------------------------------------------------------------------------------------------
-# REST: each dialect's own body. JSON is kept ASCII (escaped) so it can travel as gRPC metadata.
+# REST: each dialect's own body (its `Dialect.error_body`). JSON is kept ASCII (escaped) so it can travel
+# as gRPC metadata.
+
 
 def _dumps(obj: object) -> bytes:
     # gRPC metadata must be printable ASCII: the stdlib escapes everything else as \uXXXX (surrogate pairs included).
     return json.dumps(obj, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
-def render_body(err: ServiceError, dialect: str) -> bytes | None:
+def render_body(err: ServiceError, dialect: Dialect | None) -> bytes | None:
     """The error body `dialect`'s clients expect, or None where google.rpc.Status JSON is the shape."""
-    status = err.http_status
-    if dialect in ("openai", "aigne"):
-        return _dumps(
-            {
-                "error": {
-                    "message": err.message,
-                    "type": _OPENAI_TYPE.get(status, "invalid_request_error" if status < 500 else "server_error"),
-                    "param": err.param,
-                    "code": err.reason.lower() if err.reason else None,
-                }
-            }
-        )
-    if dialect == "huggingface":
-        body: dict[str, object] = {"error": err.message, "error_type": _HF_TYPE.get(status, "Backend")}
-        if err.estimated_time is not None:
-            body["estimated_time"] = err.estimated_time
-        return _dumps(body)
-    if dialect == "hrflow":
-        return _dumps({"code": status, "message": err.message})
-    return None
+    if dialect is None or dialect.error_body is None:
+        return None
+    return _dumps(dialect.error_body(err))

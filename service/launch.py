@@ -85,6 +85,12 @@ class Stack:
     def admin_url(self) -> str:
         return f"http://127.0.0.1:{self.config.envoy.admin_port}"
 
+    @property
+    def ready_url(self) -> str:
+        """Envoy's readiness listener (what a kubelet probes), else its admin /ready."""
+        env = self.config.envoy
+        return f"http://127.0.0.1:{env.readiness_port}/ready" if env.readiness else f"{self.admin_url}/ready"
+
     # -- lifecycle ------------------------------------------------------------------------------
 
     def start(self, timeout: float = 180.0, progress: Callable[[str], None] | None = None) -> Stack:
@@ -94,6 +100,8 @@ class Stack:
             env_cfg.listen_port = free_port()
         if not env_cfg.admin_port:
             env_cfg.admin_port = free_port()
+        if env_cfg.readiness and not env_cfg.readiness_port:
+            env_cfg.readiness_port = free_port()
         base_port = self.config.server.grpc_port
         self.server_ports = [free_port() if not base_port else base_port + i for i in range(self.replicas)]
         base_metrics = self.config.server.metrics_port
@@ -155,7 +163,7 @@ class Stack:
         while True:
             self._check_alive()
             with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"{self.admin_url}/ready", timeout=1) as r:
+                with urllib.request.urlopen(self.ready_url, timeout=1) as r:
                     if r.status == 200:
                         return
             if time.monotonic() > deadline:

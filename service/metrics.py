@@ -26,6 +26,9 @@ BATCH_SIZE = Histogram("embedding_batch_size", "Inputs per forward pass", ["mode
 BATCH_TOKENS = Histogram(
     "embedding_batch_tokens", "Tokens per forward pass, padding included", ["model"], buckets=(16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384)
 )
+CREDENTIAL_RELOADS = Counter(
+    "embedding_credential_reloads", "Reloads of the API keys by result: ok, invalid (kept the previous keys), empty (kept them too)", ["result"]
+)
 BATCH_SECONDS = Histogram("embedding_batch_duration_seconds", "Time of one forward pass with pooling", ["model"], buckets=LATENCY_BUCKETS)
 
 

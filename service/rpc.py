@@ -1,7 +1,7 @@
 """What every servicer method does around its dialect's work: deadlines, errors, headers, metrics, logs.
 
-Servicers stay thin: each one maps its message to an `EmbedRequest`, calls the pipeline, hands the result to
-`respond` and maps it back, all inside `handle`, which turns any `ServiceError` into the gRPC status (plus
+Servicers stay thin: each one parses its request into an `EmbedRequest` (`parse`, off the event loop when
+the body is large), calls the pipeline, hands the result to `respond` and maps it back (`encode`), all inside `handle`, which turns any `ServiceError` into the gRPC status (plus
 the dialect's own error body for Envoy) and any unexpected exception into INTERNAL without leaking a stack
 trace, and counts and times every request.
 """
@@ -12,17 +12,63 @@ import asyncio
 import contextvars
 import logging
 import time
-from typing import Awaitable, Callable, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from . import errors, metrics
+from . import errors, metrics, offload
+from .dialects import Dialect
 from .engine.pipeline import EmbedResult
 from .logs import request_id
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _result: contextvars.ContextVar[EmbedResult | None] = contextvars.ContextVar("result", default=None)
+
+
+@dataclass(frozen=True)
+class Call:
+    """What a dialect's parser may use besides the request body: plain data, so it can cross to an offload worker."""
+
+    headers: dict[str, str] = field(default_factory=dict)
+    deadline: float | None = None
+    # Inputs one request may hold (limits.max_client_batch_size): counted before anything is converted.
+    max_inputs: int = 2048
+    # Dialect settings from the configuration (e.g. OpenAI's auto_truncate).
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def call(context: grpc.aio.ServicerContext, max_inputs: int, **settings: Any) -> Call:
+    return Call(metadata(context), deadline(context), max_inputs, settings)
+
+
+def _parse(message_type: Any, to_core: Callable[[Any, Call], T], raw: bytes, info: Call) -> T:
+    try:
+        message = message_type.FromString(raw)
+    except DecodeError:
+        raise errors.invalid_argument("The request body could not be parsed (malformed or nested too deeply).", None, "MALFORMED_REQUEST") from None
+    return to_core(message, info)
+
+
+async def parse(raw: bytes, message_type: Any, to_core: Callable[[Any, Call], T], info: Call) -> T:
+    """`to_core(message_type.FromString(raw), info)`: inline for a small body, in an offload worker for a large one.
+
+    Servicers receive their request as raw bytes (see `dialects.common.add_servicer`) so that no large body is
+    ever parsed on the event loop; `to_core` is a module-level function of the dialect, and checks counts before
+    it converts anything.
+    """
+    if len(raw) <= offload.INLINE_BYTES:
+        return _parse(message_type, to_core, raw, info)
+    return await offload.run(_parse, message_type, to_core, raw, info)
+
+
+async def encode(fn: Callable[..., T], floats: int, *args: Any) -> T:
+    """`fn(*args)` (a dialect's response writer), in an offload worker when it prints more than a few thousand numbers."""
+    if floats <= offload.INLINE_FLOATS:
+        return fn(*args)
+    return await offload.run(fn, *args)
 
 
 def deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -58,38 +104,38 @@ async def respond(context: grpc.aio.ServicerContext, result: EmbedResult) -> Non
     context.set_trailing_metadata(headers)
 
 
-async def handle(context: grpc.aio.ServicerContext, dialect: str, work: Callable[[], Awaitable[T]]) -> T:
+async def handle(context: grpc.aio.ServicerContext, dialect: Dialect, work: Callable[[], Awaitable[T]]) -> T:
     started = time.perf_counter()
     request_id.set(metadata(context).get("x-request-id"))
     _result.set(None)
     try:
         response = await work()
     except errors.ServiceError as err:
-        metrics.observe_request(dialect, "", err.code.name, time.perf_counter() - started)
+        metrics.observe_request(dialect.name, "", err.code.name, time.perf_counter() - started)
         await abort(context, err, dialect)
     except asyncio.CancelledError:
-        metrics.observe_request(dialect, "", "CANCELLED", time.perf_counter() - started)
+        metrics.observe_request(dialect.name, "", "CANCELLED", time.perf_counter() - started)
         raise
     except Exception:
-        log.exception("request failed", extra={"dialect": dialect})
-        metrics.observe_request(dialect, "", "INTERNAL", time.perf_counter() - started)
+        log.exception("request failed", extra={"dialect": dialect.name})
+        metrics.observe_request(dialect.name, "", "INTERNAL", time.perf_counter() - started)
         await abort(context, errors.internal(), dialect)
     else:
         result = _result.get()
         seconds = time.perf_counter() - started
-        metrics.observe_request(dialect, result.model if result else "", "OK", seconds, result)
+        metrics.observe_request(dialect.name, result.model if result else "", "OK", seconds, result)
         if result is not None:
             log.debug(
                 "embedded",
-                extra={"dialect": dialect, "model": result.model, "inputs": len(result.token_counts), "tokens": result.total_tokens,
+                extra={"dialect": dialect.name, "model": result.model, "inputs": len(result.token_counts), "tokens": result.total_tokens,
                        "cache_hits": result.cache_hits, "ms": round(seconds * 1000, 2)},
             )
         return response
     raise AssertionError("unreachable")
 
 
-async def abort(context: grpc.aio.ServicerContext, err: errors.ServiceError, dialect: str) -> None:
+async def abort(context: grpc.aio.ServicerContext, err: errors.ServiceError, dialect: Dialect) -> None:
     # The message of an authentication failure may quote the key the caller sent: never logged.
     message = None if err.code == grpc.StatusCode.UNAUTHENTICATED else err.message
-    log.debug("request refused", extra={"dialect": dialect, "code": err.code.name, "reason": err.reason, "error": message})
+    log.debug("request refused", extra={"dialect": dialect.name, "code": err.code.name, "reason": err.reason, "error": message})
     await context.abort(err.code, err.message, trailing_metadata=errors.trailing_metadata(err, dialect))

@@ -1,4 +1,11 @@
-"""Wiring only: builds the engine, registers every servicer, health and reflection, serves, drains."""
+"""Wiring only: builds the engine, registers every enabled dialect, health and reflection, serves, drains.
+
+Shutdown, in order (what a Kubernetes rollout needs to lose nothing):
+1. health turns NOT_SERVING at once, so Envoy's health checks and the kubelet's probes take the replica out;
+2. for `server.drain_delay_seconds` new calls are still served (they were already on their way);
+3. then new calls are refused with UNAVAILABLE, marked for Envoy to retry on another replica;
+4. calls in flight get until `server.grace_seconds` after the signal to finish; then the server stops.
+"""
 
 from __future__ import annotations
 
@@ -6,36 +13,42 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from ai.inworld.embedding.v1alpha import embedding_service_pb2 as inworld_pb
-from ai.inworld.embedding.v1alpha import embedding_service_pb2_grpc as inworld_grpc
-from embedding.dialects.v1 import hrflow_pb2, hrflow_pb2_grpc, huggingface_pb2, huggingface_pb2_grpc, openai_pb2, openai_pb2_grpc
-
-from . import metrics, tracing
+from . import dialects, metrics, offload, tracing
 from .auth import CredentialStore
 from .config import Config
-from .interceptors import AuthInterceptor
-from .dialects import hrflow, huggingface, inworld, openai
 from .engine.cache import EmbeddingCache
 from .engine.models import ModelRegistry, ServedModel
 from .engine.pipeline import Embedder
+from .interceptors import AuthInterceptor, CallState, GateInterceptor
 from .launch import free_port
 
 log = logging.getLogger(__name__)
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
-SERVICE_NAMES = [
-    inworld_pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name,
-    openai_pb2.DESCRIPTOR.services_by_name["OpenAI"].full_name,
-    huggingface_pb2.DESCRIPTOR.services_by_name["HuggingFace"].full_name,
-    hrflow_pb2.DESCRIPTOR.services_by_name["HrFlow"].full_name,
-]
-# Big enough for the largest batch accepted (2048 inputs) in and out.
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+class BoundedHealth(health.aio.HealthServicer):
+    """gRPC health, with a bound on Watch streams (each is a long-lived stream any caller can open)."""
+
+    def __init__(self, max_watchers: int) -> None:
+        super().__init__()
+        self.max_watchers = max_watchers
+        self.watchers = 0
+
+    async def Watch(self, request, context):  # noqa: N802 (gRPC's name)
+        if self.watchers >= self.max_watchers:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"At most {self.max_watchers} health watches at once.")
+        self.watchers += 1
+        try:
+            await super().Watch(request, context)
+        finally:
+            self.watchers -= 1
 
 
 class EmbeddingServer:
@@ -43,7 +56,8 @@ class EmbeddingServer:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.health = health.aio.HealthServicer()
+        self.dialects = dialects.enabled(config)
+        self.health = BoundedHealth(config.server.max_health_watchers)
         self.registry = ModelRegistry(
             config.models,
             config.limits,
@@ -51,43 +65,55 @@ class EmbeddingServer:
             on_batch=metrics.observe_batch,
             inference_threads=config.server.inference_threads,
             providers=config.providers,
+            on_failure=self._model_failed,
         )
         self.cache = EmbeddingCache(config.cache.max_bytes)
         # Tokenization runs here, beside (not on) the event loop and the batcher threads.
         self.executor = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 2), thread_name_prefix="tokenize")
-        self.embedder = Embedder(self.registry, config.limits, self.cache, self.executor)
+        self.embedder = Embedder(self.registry, config.limits, self.cache, self.executor, per_credential_cache=config.cache.per_credential)
+        # Keys first: a keys file that is configured but unusable stops the start (KeysFileError).
         self.credentials = CredentialStore(config.auth.keys_file)
+        self.calls = CallState()
         tracer = tracing.setup(config.tracing)
+        server_cfg = config.server
         self.server = grpc.aio.server(
-            # Tracing first, so a refused call is traced too.
-            interceptors=[i for i in (tracer, AuthInterceptor(self.credentials)) if i is not None],
+            # Tracing first, so a refused call is traced too; the gate before auth, so a draining server answers fast.
+            interceptors=[
+                i for i in (
+                    tracer,
+                    GateInterceptor(self.calls, self.credentials, config.auth.allow_open_non_loopback),
+                    AuthInterceptor(self.credentials),
+                ) if i is not None
+            ],
             options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", server_cfg.max_message_bytes),
+                ("grpc.max_send_message_length", max(server_cfg.max_message_bytes, 64 * 1024 * 1024)),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
+            maximum_concurrent_rpcs=server_cfg.max_concurrent_rpcs,
         )
         self.port = 0
         self.metrics_port = 0
         self._stop_metrics = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._watch_task: asyncio.Task | None = None
+
+    @property
+    def service_names(self) -> list[str]:
+        return [name for d in self.dialects for name in d.services]
 
     async def start(self) -> int:
         self._loop = asyncio.get_running_loop()
-        # One servicer per dialect, all over the same embedder.
-        inworld_grpc.add_EmbeddingServiceServicer_to_server(inworld.InworldServicer(self.embedder), self.server)
-        openai_pb2_grpc.add_OpenAIServicer_to_server(
-            openai.OpenAIServicer(self.embedder, auto_truncate=self.config.limits.auto_truncate), self.server
-        )
-        huggingface_pb2_grpc.add_HuggingFaceServicer_to_server(huggingface.HuggingFaceServicer(self.embedder), self.server)
-        hrflow_pb2_grpc.add_HrFlowServicer_to_server(hrflow.HrFlowServicer(self.embedder), self.server)
+        for dialect in self.dialects:  # one servicer per dialect, all over the same embedder
+            dialect.add_to_server(self.server, self.embedder, self.config)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection([*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
-        for name in ["", *SERVICE_NAMES]:
+        if self.config.server.reflection:
+            reflection.enable_server_reflection([*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
+        for name in ["", *self.service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         host = self.config.server.host
         if not self.credentials.enabled:
-            if host not in ("127.0.0.1", "localhost", "::1") and not self.config.auth.allow_open_non_loopback:
+            if host not in LOOPBACK and not self.config.auth.allow_open_non_loopback:
                 log.warning(
                     "no API keys configured: the service is open, so it listens on loopback only "
                     "(configure auth.keys_file or EMBED_API_KEYS, or set auth.allow_open_non_loopback)",
@@ -103,41 +129,79 @@ class EmbeddingServer:
         if not self.port:
             raise OSError(f"cannot listen on {address}")
         await self.server.start()
+        offload.start(self.config.server.offload_workers)
         if self.config.server.metrics:
             self.metrics_port = self.config.server.metrics_port or free_port(host)
             self._stop_metrics = metrics.serve(host, self.metrics_port, metrics.StateCollector(self.registry, self.cache, self.embedder))
-        log.info("listening", extra={"grpc": f"{host}:{self.port}", "metrics": f"{host}:{self.metrics_port}" if self.metrics_port else None})
+        log.info(
+            "listening",
+            extra={"grpc": f"{host}:{self.port}", "metrics": f"{host}:{self.metrics_port}" if self.metrics_port else None,
+                   "dialects": [d.name for d in self.dialects]},
+        )
+        if self.config.auth.keys_file and self.config.auth.reload_interval_seconds > 0:
+            self._watch_task = asyncio.create_task(self._watch_keys(self.config.auth.reload_interval_seconds))
         self.registry.start()
         return self.port
 
-    def _model_ready(self, model: ServedModel) -> None:
-        """Called from the loader thread: the server is SERVING once its default model is."""
+    # -- health -----------------------------------------------------------------------------------
+
+    def _set_health(self, model_id: str, status: int) -> None:
+        """Called from loader and batcher threads: the server follows its default model."""
         assert self._loop is not None
-        names = [f"model:{model.id}"]
-        if model.id == self.registry.default_id:
-            names += ["", *SERVICE_NAMES]
+        names = [f"model:{model_id}"] if self.config.server.health_per_model else []
+        if model_id == self.registry.default_id:
+            names += ["", *self.service_names]
         for name in names:
-            asyncio.run_coroutine_threadsafe(self.health.set(name, health_pb2.HealthCheckResponse.SERVING), self._loop)
+            asyncio.run_coroutine_threadsafe(self.health.set(name, status), self._loop)
+
+    def _model_ready(self, model: ServedModel) -> None:
+        self._set_health(model.id, health_pb2.HealthCheckResponse.SERVING)
+
+    def _model_failed(self, model_id: str) -> None:
+        """A model's batcher died: NOT_SERVING until it is running again (the registry restarts it)."""
+        self._set_health(model_id, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    # -- keys -------------------------------------------------------------------------------------
 
     def reload_credentials(self) -> None:
-        """SIGHUP: re-read the keys; in-flight and new requests carry on (the store swaps atomically)."""
-        try:
-            self.credentials.reload()
-        except Exception as e:  # a broken file keeps the keys we have
-            log.error("credentials not reloaded; keeping the previous ones", extra={"error": str(e)})
+        """SIGHUP or a changed keys file: re-read the keys; a bad or empty set keeps the previous one."""
+        self.credentials.reload()
+
+    async def _watch_keys(self, interval: float) -> None:
+        """A Kubernetes Secret volume changes its file in place and sends no signal: poll it (it is tiny)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval)
+            fingerprint = await loop.run_in_executor(None, self.credentials.file_fingerprint)
+            if fingerprint is not None and fingerprint != self.credentials.fingerprint:
+                self.reload_credentials()
+                # A rejected file is not retried until it changes again.
+                self.credentials.fingerprint = fingerprint
+
+    # -- shutdown ---------------------------------------------------------------------------------
 
     async def stop(self, grace: float | None = None) -> None:
-        """Drains: health goes NOT_SERVING, new calls are refused, in-flight ones get `grace` seconds."""
+        """Drains (see the module docstring), then stops everything."""
+        started = time.monotonic()
         grace = self.config.server.grace_seconds if grace is None else grace
+        delay = min(self.config.server.drain_delay_seconds, grace)
         await self.health.enter_graceful_shutdown()
-        log.info("draining", extra={"grace_seconds": grace})
-        await self.server.stop(grace)
+        log.info("draining", extra={"grace_seconds": grace, "drain_delay_seconds": delay, "inflight": self.calls.inflight})
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        self.calls.refusing = True
+        while self.calls.inflight > 0 and time.monotonic() - started < grace:
+            await asyncio.sleep(0.05)
+        await self.server.stop(max(0.0, grace - (time.monotonic() - started)))
         if self._stop_metrics:
             self._stop_metrics()
         await self.registry.close_providers()
         self.registry.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)
-        log.info("stopped")
+        offload.stop()
+        log.info("stopped", extra={"seconds": round(time.monotonic() - started, 2)})
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()

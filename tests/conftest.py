@@ -28,6 +28,7 @@ def stack_config() -> Config:
     cfg.server.metrics_port = 0
     cfg.envoy.listen_port = 0
     cfg.envoy.admin_port = 0
+    cfg.envoy.readiness_port = 0
     return cfg.validate()
 
 

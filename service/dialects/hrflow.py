@@ -15,21 +15,21 @@ either way the SDK's `decode_float_list` reshapes `data` with (-1, dimension).
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import grpc
+import numpy as np
+import orjson
 from google.api import httpbody_pb2
 
 from embedding.dialects.v1 import hrflow_pb2 as pb
-from embedding.dialects.v1 import hrflow_pb2_grpc as pb_grpc
 
-from .. import errors, rpc
+from .. import auth, errors, rpc
 from ..engine.encoding import base64_float32
-from ..engine.pipeline import EmbedRequest, EmbedResult, Embedder
-from .common import json_body, value
+from ..engine.pipeline import EmbedRequest, Embedder
+from . import Dialect
+from .common import add_servicer, json_body, value
 
-DIALECT = "hrflow"
 ITEM_TYPES = ("profile", "job")
 
 # (field, how): "text" a string, "entries" a list of objects (with their keys in order), "names" a list of named things.
@@ -103,15 +103,16 @@ def _return_sequences(raw: Any) -> bool:
     raise errors.invalid_argument(f"Invalid return_sequences: {raw!r} (use true or false)", "return_sequences")
 
 
-def to_core(request: pb.DocumentEmbeddingRequest, deadline: float | None) -> EmbedRequest:
+def to_core(request: pb.DocumentEmbeddingRequest, call: rpc.Call) -> EmbedRequest:
     if request.item_type not in ITEM_TYPES:
         raise errors.invalid_argument(f"Invalid Item Type: {request.item_type}", "item_type", "INVALID_ITEM_TYPE")
     item = value(request.item) if request.HasField("item") else None
     if isinstance(item, str):
         try:
-            item = json.loads(item)
+            # orjson refuses nesting deeper than 1024 levels with a ValueError (json.loads would overflow the stack).
+            item = orjson.loads(item)
         except ValueError:
-            raise errors.invalid_argument("Invalid Item: not a JSON object", "item") from None
+            raise errors.invalid_argument("Invalid Item: not a JSON object (or nested too deeply)", "item") from None
     if not isinstance(item, dict):
         raise errors.invalid_argument("Invalid Item: expected a profile or job object", "item")
     text = item_text(item, request.item_type)
@@ -119,23 +120,46 @@ def to_core(request: pb.DocumentEmbeddingRequest, deadline: float | None) -> Emb
         raise errors.invalid_argument(f"Invalid Item: the {request.item_type} has no text to embed", "item", "EMPTY_INPUT")
     want_tokens = _return_sequences(value(request.return_sequences) if request.HasField("return_sequences") else None)
     # Documents are long; like sentence-transformers, read what fits and cut the rest.
-    return EmbedRequest(inputs=[text], token_embeddings=want_tokens, truncate=True, deadline=deadline, param="item")
+    return EmbedRequest(inputs=[text], token_embeddings=want_tokens, truncate=True, deadline=call.deadline, param="item")
 
 
-def to_body(result: EmbedResult, want_tokens: bool) -> httpbody_pb2.HttpBody:
-    rows = result.token_embeddings[0] if want_tokens and result.token_embeddings else result.vectors
+def to_body(rows: np.ndarray) -> httpbody_pb2.HttpBody:
     return json_body({"code": 200, "message": "Embedding results", "data": base64_float32(rows, byteorder="big")})
 
 
-class HrFlowServicer(pb_grpc.HrFlowServicer):
+class HrFlowServicer:
     def __init__(self, embedder: Embedder) -> None:
         self.embedder = embedder
 
-    async def DocumentEmbedding(self, request: pb.DocumentEmbeddingRequest, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:
+    async def DocumentEmbedding(self, raw: bytes, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:  # noqa: N802
         async def work() -> httpbody_pb2.HttpBody:
-            core = to_core(request, rpc.deadline(context))
+            core = await rpc.parse(raw, pb.DocumentEmbeddingRequest, to_core, rpc.call(context, self.embedder.limits.max_client_batch_size))
             result = await self.embedder.embed(core)
             await rpc.respond(context, result)
-            return to_body(result, core.token_embeddings)
+            rows = result.token_embeddings[0] if core.token_embeddings and result.token_embeddings else result.vectors
+            return to_body(rows)  # base64: fast at any size
 
         return await rpc.handle(context, DIALECT, work)
+
+
+# HrFlow's SDK sends its `api_secret` as X-API-KEY and `api_user` as X-USER-EMAIL; the messages are HrFlow's.
+API_KEY = auth.HeaderKey(
+    "X-API-KEY",
+    requires=("X-USER-EMAIL",),
+    how="X-API-KEY: <key> and X-USER-EMAIL: <email>",
+    missing="Unauthorized. Missing secret key: send X-API-KEY and X-USER-EMAIL.",
+    missing_required="Unauthorized. Missing user email: send X-USER-EMAIL.",
+    invalid="Unauthorized. Invalid secret key: {key}",
+)
+
+DIALECT = Dialect(
+    name="hrflow",
+    services=(pb.DESCRIPTOR.services_by_name["HrFlow"].full_name,),
+    add_to_server=lambda server, embedder, config: add_servicer(server, pb.DESCRIPTOR.services_by_name["HrFlow"], HrFlowServicer(embedder)),
+    auth=(API_KEY,),
+    error_body=lambda err: {"code": err.http_status, "message": err.message},
+    rest_prefixes=("/v1/document/",),
+    envoy_error_body={"code": "%RESPONSE_CODE%", "message": "%LOCAL_REPLY_BODY%"},
+    doc={"api": "HrFlow document embedding (000)", "routes": "`POST /v1/document/embedding`",
+         "client": "`hrflow==1.9.0`", "auth": "`X-API-KEY` + `X-USER-EMAIL`"},
+)

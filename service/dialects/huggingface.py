@@ -10,17 +10,28 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+import numpy as np
 from google.api import httpbody_pb2
 from google.protobuf import json_format
 
 from embedding.dialects.v1 import huggingface_pb2 as pb
-from embedding.dialects.v1 import huggingface_pb2_grpc as pb_grpc
 
-from .. import errors, rpc
+from .. import auth, errors, rpc
 from ..engine.pipeline import EmbedRequest, EmbedResult, Embedder
-from .common import flag, json_body, strings, value
+from . import Dialect
+from .common import add_servicer, flag, json_body, strings
 
-DIALECT = "huggingface"
+# Text Embeddings Inference's `error_type`, which Hugging Face clients show beside `error`.
+ERROR_TYPE = {400: "Validation", 401: "Unauthorized", 404: "NotFound", 413: "Validation", 422: "Validation", 424: "Backend",
+              429: "Overloaded", 503: "Unhealthy"}
+
+
+def error_body(err: errors.ServiceError) -> dict[str, Any]:
+    body: dict[str, Any] = {"error": err.message, "error_type": ERROR_TYPE.get(err.http_status, "Backend")}
+    if err.estimated_time is not None:
+        body["estimated_time"] = err.estimated_time
+    return body
+
 OPTIONS = ("normalize", "prompt_name", "truncate", "truncation_direction")
 
 
@@ -50,7 +61,7 @@ def _bool(opts: dict[str, Any], key: str, default: bool) -> bool:
     return v
 
 
-def to_core(request: pb.FeatureExtractionRequest, headers: dict[str, str], deadline: float | None) -> EmbedRequest:
+def to_core(request: pb.FeatureExtractionRequest, call: rpc.Call) -> EmbedRequest:
     opts = _options(request)
     direction = opts.get("truncation_direction") or "Right"
     if not isinstance(direction, str) or direction.lower() not in ("left", "right"):
@@ -58,8 +69,9 @@ def to_core(request: pb.FeatureExtractionRequest, headers: dict[str, str], deadl
     prompt_name = opts.get("prompt_name")
     if prompt_name is not None and not isinstance(prompt_name, str):
         raise errors.invalid_argument("'prompt_name' must be a string.", "prompt_name")
+    headers = call.headers
     return EmbedRequest(
-        inputs=strings(value(request.inputs) if request.HasField("inputs") else None, "inputs"),
+        inputs=strings(request.inputs if request.HasField("inputs") else None, "inputs", call.max_inputs),
         model=request.model,
         normalize=_bool(opts, "normalize", True),
         truncate=_bool(opts, "truncate", False),
@@ -67,25 +79,38 @@ def to_core(request: pb.FeatureExtractionRequest, headers: dict[str, str], deadl
         prompt_name=prompt_name,
         use_cache=flag(headers.get("x-use-cache")) is not False,
         wait_for_model=bool(flag(headers.get("x-wait-for-model"))),
-        deadline=deadline,
+        deadline=call.deadline,
         param="inputs",
     )
 
 
-def to_body(result: EmbedResult) -> httpbody_pb2.HttpBody:
+def to_body(vectors: np.ndarray) -> httpbody_pb2.HttpBody:
     # Always an array of arrays, a single string too: [[...]].
-    return json_body(result.vectors)
+    return json_body(vectors)
 
 
-class HuggingFaceServicer(pb_grpc.HuggingFaceServicer):
+class HuggingFaceServicer:
     def __init__(self, embedder: Embedder) -> None:
         self.embedder = embedder
 
-    async def FeatureExtraction(self, request: pb.FeatureExtractionRequest, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:
+    async def FeatureExtraction(self, raw: bytes, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:  # noqa: N802
         async def work() -> httpbody_pb2.HttpBody:
-            core = to_core(request, rpc.metadata(context), rpc.deadline(context))
+            core = await rpc.parse(raw, pb.FeatureExtractionRequest, to_core, rpc.call(context, self.embedder.limits.max_client_batch_size))
             result = await self.embedder.embed(core)
             await rpc.respond(context, result)
-            return to_body(result)
+            return await rpc.encode(to_body, result.vectors.size, result.vectors)
 
         return await rpc.handle(context, DIALECT, work)
+
+
+DIALECT = Dialect(
+    name="huggingface",
+    services=(pb.DESCRIPTOR.services_by_name["HuggingFace"].full_name,),
+    add_to_server=lambda server, embedder, config: add_servicer(server, pb.DESCRIPTOR.services_by_name["HuggingFace"], HuggingFaceServicer(embedder)),
+    auth=(auth.BEARER,),
+    error_body=error_body,
+    rest_prefixes=("/models/",),
+    envoy_error_body={"error": "%LOCAL_REPLY_BODY%", "error_type": "Validation"},
+    doc={"api": "Hugging Face feature extraction (004)", "routes": "`POST /models/{model_id}`",
+         "client": "`huggingface_hub.InferenceClient`", "auth": "`Authorization: Bearer`"},
+)

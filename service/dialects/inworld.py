@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import grpc
+import numpy as np
 
 from ai.inworld.embedding.v1alpha import embedding_service_pb2 as pb
-from ai.inworld.embedding.v1alpha import embedding_service_pb2_grpc as pb_grpc
 
-from .. import errors, rpc
-from ..engine.pipeline import EmbedRequest, EmbedResult, Embedder
+from .. import auth, errors, rpc
+from ..engine.pipeline import EmbedRequest, Embedder
+from . import Dialect
+from .common import add_servicer
 
-DIALECT = "inworld"
 LOCAL_PROVIDERS = (pb.SERVICE_PROVIDER_UNSPECIFIED, pb.SERVICE_PROVIDER_INWORLD)
 
 
-def to_core(request: pb.EmbedRequest, deadline: float | None) -> EmbedRequest:
+def to_core(request: pb.EmbedRequest, call: rpc.Call) -> EmbedRequest:
     provider = request.model.service_provider
     if provider not in LOCAL_PROVIDERS and provider != pb.SERVICE_PROVIDER_OPENAI:
         raise errors.invalid_argument(f"Unknown service provider value {provider}.", "model.service_provider")
+    if len(request.inputs) > call.max_inputs:
+        raise errors.invalid_argument(f"Too many inputs: {len(request.inputs)}; at most {call.max_inputs} per request.", "inputs", "TOO_MANY_INPUTS")
     texts = []
     for i, item in enumerate(request.inputs):
         if item.WhichOneof("input_oneof") != "text":
@@ -29,31 +32,44 @@ def to_core(request: pb.EmbedRequest, deadline: float | None) -> EmbedRequest:
     return EmbedRequest(
         inputs=texts,
         model=request.model.model,
-        deadline=deadline,
+        deadline=call.deadline,
         param="inputs",
         # SERVICE_PROVIDER_OPENAI: forwarded to the provider named `openai` (FAILED_PRECONDITION if there is none).
         provider="openai" if provider == pb.SERVICE_PROVIDER_OPENAI else None,
+        echo={"provider": provider},
     )
 
 
-def to_response(result: EmbedResult, provider: int) -> pb.EmbedResponse:
+def to_response(vectors: np.ndarray, model: str, tokens: int, provider: int) -> pb.EmbedResponse:
     served_by = pb.SERVICE_PROVIDER_OPENAI if provider == pb.SERVICE_PROVIDER_OPENAI else pb.SERVICE_PROVIDER_INWORLD
-    response = pb.EmbedResponse(
-        usage=pb.EmbedResponse.Usage(token_count=result.total_tokens, model=pb.ModelId(model=result.model, service_provider=served_by))
-    )
-    for vector in result.vectors:
+    response = pb.EmbedResponse(usage=pb.EmbedResponse.Usage(token_count=tokens, model=pb.ModelId(model=model, service_provider=served_by)))
+    for vector in vectors:
         response.embeddings.add().values.extend(vector.tolist())
     return response
 
 
-class InworldServicer(pb_grpc.EmbeddingServiceServicer):
+class InworldServicer:
     def __init__(self, embedder: Embedder) -> None:
         self.embedder = embedder
 
-    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+    async def Embed(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:  # noqa: N802
         async def work() -> pb.EmbedResponse:
-            result = await self.embedder.embed(to_core(request, rpc.deadline(context)))
+            core = await rpc.parse(raw, pb.EmbedRequest, to_core, rpc.call(context, self.embedder.limits.max_client_batch_size))
+            result = await self.embedder.embed(core)
             await rpc.respond(context, result)
-            return to_response(result, request.model.service_provider)
+            return await rpc.encode(to_response, result.vectors.size, result.vectors, result.model, result.total_tokens, core.echo["provider"])
 
         return await rpc.handle(context, DIALECT, work)
+
+
+DIALECT = Dialect(
+    name="inworld",
+    services=(pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name,),
+    add_to_server=lambda server, embedder, config: add_servicer(server, pb.DESCRIPTOR.services_by_name["EmbeddingService"], InworldServicer(embedder)),
+    # Inworld's REST API takes Basic; native gRPC callers may use Bearer too.
+    auth=(auth.BASIC, auth.BEARER),
+    rest_auth=(auth.BASIC,),
+    error_body=None,  # google.rpc.Status JSON, which the transcoder prints
+    doc={"api": "Inworld v1alpha (002)", "routes": "`POST /ml/v1alpha/embedding:embed`, `POST /embeddings/v1alpha/content:embed`",
+         "client": "gRPC stubs from `proto/ai/inworld/`, REST", "auth": "`Authorization: Basic base64(key:secret)`"},
+)

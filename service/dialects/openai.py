@@ -11,121 +11,152 @@ import time
 from typing import Any
 
 import grpc
+import numpy as np
 from google.api import httpbody_pb2
+from google.protobuf import struct_pb2
 
 from embedding.dialects.v1 import openai_pb2 as pb
-from embedding.dialects.v1 import openai_pb2_grpc as pb_grpc
 
-from .. import errors, rpc
+from .. import auth, errors, rpc
 from ..engine.encoding import base64_float32
 from ..engine.pipeline import EmbedRequest, EmbedResult, Embedder
-from .common import json_body, value
+from . import Dialect
+from .common import add_servicer, as_message, count_inputs, json_body, token_ids
 
-DIALECT = "openai"
 OWNER = "embedding-service"
 log = logging.getLogger(__name__)
 
+# OpenAI's `error.type` by HTTP status (the values its API and SDKs use).
+ERROR_TYPE = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    429: "rate_limit_exceeded",
+    503: "server_error",
+    504: "server_error",
+}
 
-def parse_input(raw: Any) -> list[str] | list[list[int]]:
-    """string | string[] | int[] | int[][] → texts or token-id lists."""
-    if isinstance(raw, str):
-        if not raw:
+
+def error_body(err: errors.ServiceError) -> dict[str, Any]:
+    status = err.http_status
+    return {
+        "error": {
+            "message": err.message,
+            "type": ERROR_TYPE.get(status, "invalid_request_error" if status < 500 else "server_error"),
+            "param": err.param,
+            "code": err.reason.lower() if err.reason else None,
+        }
+    }
+
+
+def parse_input(v: struct_pb2.Value | None, max_inputs: int) -> list[str] | list[np.ndarray]:
+    """string | string[] | int[] | int[][] → texts or token-id arrays; counts are checked before anything is converted."""
+    kind = v.WhichOneof("kind") if v is not None else None
+    if kind == "string_value":
+        if not v.string_value:
             raise errors.invalid_argument("'input' cannot be an empty string.", "input", "EMPTY_INPUT")
-        return [raw]
-    if raw is None:
+        return [v.string_value]
+    if kind in (None, "null_value"):
         raise errors.invalid_argument("'input' is a required property.", "input", "EMPTY_INPUT")
-    if not isinstance(raw, list):
+    if kind != "list_value":
         raise errors.invalid_argument("'input' must be a string, an array of strings, or an array of token arrays.", "input")
-    if not raw:
+    count_inputs(v, max_inputs, "input")
+    items = v.list_value.values
+    if not items:
         raise errors.invalid_argument("'input' cannot be an empty array.", "input", "EMPTY_INPUT")
-    if all(isinstance(x, str) for x in raw):
-        for i, x in enumerate(raw):
+    kinds = {x.WhichOneof("kind") for x in items}
+    if kinds == {"string_value"}:
+        texts = [x.string_value for x in items]
+        for i, x in enumerate(texts):
             if not x:
                 raise errors.invalid_argument(f"'input[{i}]' cannot be an empty string.", "input", "EMPTY_INPUT")
-        return raw
-    if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in raw):
-        return [_token_ids(raw, "input")]
-    if all(isinstance(x, list) for x in raw):
-        return [_token_ids(x, f"input[{i}]") for i, x in enumerate(raw)]
+        return texts
+    if kinds == {"number_value"}:
+        return [token_ids(items, "input", "input")]
+    if kinds == {"list_value"}:
+        return [token_ids(x.list_value.values, f"input[{i}]", "input") for i, x in enumerate(items)]
+    if "number_value" in kinds and not kinds & {"string_value", "list_value"}:
+        return [token_ids(items, "input", "input")]  # raises, naming the item that is not a token id
     raise errors.invalid_argument("'input' mixes types; use strings only or token arrays only.", "input")
 
 
-def _token_ids(items: list[Any], where: str) -> list[int]:
-    if not items:
-        raise errors.invalid_argument(f"'{where}' is an empty token array.", "input", "EMPTY_INPUT")
-    out = []
-    for x in items:
-        if isinstance(x, bool) or not isinstance(x, (int, float)) or x != int(x) or x < 0 or x >= 2**31:
-            raise errors.invalid_argument(f"'{where}' must hold non-negative integer token ids; got {x!r}.", "input")
-        out.append(int(x))
-    return out
-
-
-def to_core(request: pb.CreateEmbeddingRequest, deadline: float | None, truncate: bool) -> EmbedRequest:
+def to_core(request: pb.CreateEmbeddingRequest, call: rpc.Call) -> EmbedRequest:
     fmt = request.encoding_format or "float"
     if fmt not in ("float", "base64"):
         raise errors.invalid_argument(f"'encoding_format' must be 'float' or 'base64'; got {fmt!r}.", "encoding_format")
     dimensions = request.dimensions if request.HasField("dimensions") else None
     if dimensions is not None and dimensions < 1:
         raise errors.invalid_argument(f"'dimensions' must be at least 1; got {dimensions}.", "dimensions")
-    if request.user:
-        log.debug("end user", extra={"user": request.user})
     return EmbedRequest(
-        inputs=parse_input(value(request.input) if request.HasField("input") else None),
+        inputs=parse_input(request.input if request.HasField("input") else None, call.max_inputs),
         model=request.model,
         dimensions=dimensions,
-        truncate=truncate,
-        deadline=deadline,
+        # OpenAI refuses an input over the model's limit; operators may ask to truncate instead.
+        truncate=bool(call.settings.get("auto_truncate")),
+        deadline=call.deadline,
         param="input",
+        echo={"model": request.model, "encoding_format": fmt},
     )
 
 
-def to_body(result: EmbedResult, requested_model: str, fmt: str) -> httpbody_pb2.HttpBody:
+def to_body(vectors: np.ndarray, model: str, tokens: int, fmt: str) -> httpbody_pb2.HttpBody:
     if fmt == "base64":
-        data = [{"object": "embedding", "embedding": base64_float32(v), "index": i} for i, v in enumerate(result.vectors)]
+        data = [{"object": "embedding", "embedding": base64_float32(v), "index": i} for i, v in enumerate(vectors)]
     else:
-        data = [{"object": "embedding", "embedding": v, "index": i} for i, v in enumerate(result.vectors)]
-    tokens = result.total_tokens
-    return json_body(
-        {
-            "object": "list",
-            "data": data,
-            "model": requested_model or result.model,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        }
-    )
+        data = [{"object": "embedding", "embedding": v, "index": i} for i, v in enumerate(vectors)]
+    return json_body({"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
 
 def model_object(name: str, created: int) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": created, "owned_by": OWNER}
 
 
-class OpenAIServicer(pb_grpc.OpenAIServicer):
+class OpenAIServicer:
     def __init__(self, embedder: Embedder, auto_truncate: bool = False) -> None:
         self.embedder = embedder
-        # OpenAI refuses an input over the model's limit; operators may ask to truncate instead.
         self.auto_truncate = auto_truncate
         self.created = int(time.time())
 
-    async def CreateEmbedding(self, request: pb.CreateEmbeddingRequest, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:
+    async def CreateEmbedding(self, raw: bytes, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:  # noqa: N802
         async def work() -> httpbody_pb2.HttpBody:
-            result = await self.embedder.embed(to_core(request, rpc.deadline(context), self.auto_truncate))
+            info = rpc.call(context, self.embedder.limits.max_client_batch_size, auto_truncate=self.auto_truncate)
+            core = await rpc.parse(raw, pb.CreateEmbeddingRequest, to_core, info)
+            result = await self.embedder.embed(core)
             await rpc.respond(context, result)
-            return to_body(result, request.model, request.encoding_format or "float")
+            fmt = core.echo["encoding_format"]
+            return await rpc.encode(to_body, result.vectors.size if fmt == "float" else 0,
+                                    result.vectors, core.echo["model"] or result.model, result.total_tokens, fmt)
 
         return await rpc.handle(context, DIALECT, work)
 
-    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:
+    async def ListModels(self, raw: bytes, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:  # noqa: N802
         async def work() -> httpbody_pb2.HttpBody:
             names = self.embedder.registry.names()
             return json_body({"object": "list", "data": [model_object(n, self.created) for n in names]})
 
         return await rpc.handle(context, DIALECT, work)
 
-    async def RetrieveModel(self, request: pb.RetrieveModelRequest, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:
+    async def RetrieveModel(self, raw: bytes, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:  # noqa: N802
         async def work() -> httpbody_pb2.HttpBody:
+            request = await rpc.parse(raw, pb.RetrieveModelRequest, as_message, rpc.Call())
             if request.model not in self.embedder.registry.names():
                 raise errors.model_not_found(request.model, self.embedder.registry.names())
             return json_body(model_object(request.model, self.created))
 
         return await rpc.handle(context, DIALECT, work)
+
+
+DIALECT = Dialect(
+    name="openai",
+    services=(pb.DESCRIPTOR.services_by_name["OpenAI"].full_name,),
+    add_to_server=lambda server, embedder, config: add_servicer(
+        server, pb.DESCRIPTOR.services_by_name["OpenAI"], OpenAIServicer(embedder, auto_truncate=config.limits.auto_truncate)
+    ),
+    auth=(auth.BEARER,),
+    error_body=error_body,
+    rest_prefixes=("/v1/embeddings", "/v1/models", "/api/embeddings"),
+    envoy_error_body={"error": {"message": "%LOCAL_REPLY_BODY%", "type": "invalid_request_error", "param": None, "code": None}},
+    doc={"api": "OpenAI (003), AIGNE Hub (001)", "routes": "`POST /v1/embeddings`, `POST /api/embeddings`, `GET /v1/models`, `GET /v1/models/{model}`",
+         "client": "`openai`", "auth": "`Authorization: Bearer`"},
+)

@@ -101,6 +101,10 @@ class Batcher:
         on_batch: Callable[[BatchStats], None] | None = None,
         max_width: int = 512,
         max_padding: float = 0.4,
+        on_failure: Callable[[], None] | None = None,
+        on_recovery: Callable[[], None] | None = None,
+        max_restarts: int = 3,
+        restart_window: float = 60.0,
     ) -> None:
         self.name = name
         self.runtime = runtime
@@ -125,8 +129,16 @@ class Batcher:
         self._stopping = False
         self._busy = 0  # forward passes running
         self._alone = False  # one of them runs alone, on every core: nothing may start beside it
+        # A batcher thread that dies outside a forward pass fails what is queued, reports it (the model's health goes
+        # NOT_SERVING), and starts over; past `max_restarts` within `restart_window` seconds it stays down.
+        self.on_failure = on_failure
+        self.on_recovery = on_recovery
+        self.max_restarts = max_restarts
+        self.restart_window = restart_window
+        self._deaths: collections.deque[float] = collections.deque()
+        self._down: errors.ServiceError | None = None
         self._threads = [
-            threading.Thread(target=self._run, name=f"batcher:{name}:{i}", daemon=True) for i in range(max(1, runtime.streams))
+            threading.Thread(target=self._thread_main, name=f"batcher:{name}:{i}", daemon=True) for i in range(max(1, runtime.streams))
         ]
 
     # -- event-loop side -------------------------------------------------------------------------
@@ -152,7 +164,12 @@ class Batcher:
 
     def submit(self, job: Job) -> None:
         job.enqueued_at = time.perf_counter()
+        # Allocated here, once, before any batcher thread can write a row of it (threads finishing batches of the
+        # same request must never race to allocate it).
+        job.pooled = np.empty((len(job.items), self.output_dim), dtype=np.float32)
         with self._cond:
+            if self._down is not None:
+                raise self._down
             for i, tokens in enumerate(job.items):
                 self._seq += 1
                 entry = _Entry((len(tokens), self._seq), job, i)
@@ -165,6 +182,52 @@ class Batcher:
             self._cond.notify()
 
     # -- batcher thread ---------------------------------------------------------------------------
+
+    def _thread_main(self) -> None:
+        while True:
+            try:
+                self._run()
+                return
+            except BaseException:  # noqa: BLE001 - whatever killed the loop, the requests must not hang
+                log.exception("batcher thread failed; failing its queued requests", extra={"model": self.name})
+                if not self._recover():
+                    return
+
+    def _recover(self) -> bool:
+        """After a thread died: fail everything queued, report, and say whether to start over."""
+        now = time.monotonic()
+        failure = errors.ServiceError(
+            grpc.StatusCode.UNAVAILABLE, f"The model {self.name} failed while this request waited; retry it.",
+            reason="BATCHER_FAILED", retry_after=1.0, retry_elsewhere=True,
+        )
+        with self._cond:
+            self._deaths.append(now)
+            while self._deaths and now - self._deaths[0] > self.restart_window:
+                self._deaths.popleft()
+            give_up = len(self._deaths) > self.max_restarts
+            for entry in self._entries:
+                entry.taken = True
+                entry.job.loop.call_soon_threadsafe(entry.job._fail, failure)
+            for job in self._rotation:
+                job.loop.call_soon_threadsafe(job._fail, failure)
+            self._keys, self._entries = [], []
+            self._rotation.clear()
+            self._queued_tokens = 0
+            self._alone = False
+            if give_up:
+                self._down = errors.ServiceError(
+                    grpc.StatusCode.UNAVAILABLE, f"The model {self.name} is out of service on this replica.",
+                    reason="MODEL_FAILED", retry_after=1.0, retry_elsewhere=True,
+                )
+            self._cond.notify_all()
+        if self.on_failure is not None:
+            self.on_failure()
+        if give_up:
+            log.error("batcher failed too often; the model stays out of service", extra={"model": self.name, "deaths": len(self._deaths)})
+            return False
+        if self.on_recovery is not None:
+            self.on_recovery()
+        return not self._stopping
 
     def _run(self) -> None:
         while True:
@@ -298,21 +361,26 @@ class Batcher:
                 job.loop.call_soon_threadsafe(job._fail, failure)
             return
         elapsed = time.perf_counter() - started
-        seen: set[int] = set()
+        # Rows first (each input has its own row, written by exactly one thread) ...
         for r, e in enumerate(batch):
-            job = e.job
-            if job.pooled is None:
-                job.pooled = np.empty((len(job.items), self.output_dim), dtype=np.float32)
-            job.pooled[e.index] = pooled[r]
-            if job.token_embeddings is not None:
-                job.token_embeddings[e.index] = token_embeddings[r, : e.key[0]].copy()
-            if id(job) not in seen:
-                seen.add(id(job))
-                job.inference_seconds += elapsed
-                job.batches += 1
-            job.remaining -= 1
-            if job.remaining == 0:
-                job.loop.call_soon_threadsafe(job._resolve)
+            e.job.pooled[e.index] = pooled[r]
+            if e.job.token_embeddings is not None:
+                e.job.token_embeddings[e.index] = token_embeddings[r, : e.key[0]].copy()
+        # ... then the counts, under the lock: two threads finishing batches of one request must not lose a decrement.
+        finished = []
+        with self._cond:
+            seen: set[int] = set()
+            for e in batch:
+                job = e.job
+                if id(job) not in seen:
+                    seen.add(id(job))
+                    job.inference_seconds += elapsed
+                    job.batches += 1
+                job.remaining -= 1
+                if job.remaining == 0:
+                    finished.append(job)
+        for job in finished:
+            job.loop.call_soon_threadsafe(job._resolve)
         rate = int(mask.sum()) / elapsed * max(1, self.runtime.streams) if elapsed > 0 else 0.0
         self.tokens_per_second = rate if not self.tokens_per_second else 0.8 * self.tokens_per_second + 0.2 * rate
         if self.on_batch is not None:

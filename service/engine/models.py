@@ -55,6 +55,8 @@ def load_model(
     limits: LimitsConfig,
     on_batch: Callable[[str, BatchStats], None] | None = None,
     inference_threads: int = 0,
+    on_failure: Callable[[], None] | None = None,
+    on_recovery: Callable[[], None] | None = None,
 ) -> ServedModel:
     """Loads one model folder (blocking; call it off the event loop)."""
     started = time.perf_counter()
@@ -86,6 +88,8 @@ def load_model(
         limits.max_batch_size,
         on_batch=(lambda stats: on_batch(config.id, stats)) if on_batch else None,
         max_width=max_seq,
+        on_failure=on_failure,
+        on_recovery=on_recovery,
     )
     served = ServedModel(
         config=config,
@@ -189,6 +193,7 @@ class ModelRegistry:
         on_batch: Callable[[str, BatchStats], None] | None = None,
         inference_threads: int = 0,
         providers: list[ProviderConfig] | None = None,
+        on_failure: Callable[[str], None] | None = None,
     ) -> None:
         self.limits = limits
         self.inference_threads = inference_threads
@@ -203,6 +208,7 @@ class ModelRegistry:
         self.default_id = next(c.id for c in configs if c.default)
         self._on_ready = on_ready
         self._on_batch = on_batch
+        self._on_failure = on_failure
         self._estimate = self.DEFAULT_LOAD_ESTIMATE
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -255,8 +261,10 @@ class ModelRegistry:
         if slot.state == "pending" and slot.config.load == "lazy":
             self._load_in_background(slot)
         if slot.state == "failed":
+            # The cause (paths, file names) is in the server's log, not in an answer to a caller.
             raise errors.ServiceError(
-                errors.grpc.StatusCode.UNAVAILABLE, f"Model {slot.config.id} failed to load: {slot.error}", reason="MODEL_FAILED"
+                errors.grpc.StatusCode.UNAVAILABLE, f"Model {slot.config.id} failed to load on this server; its operator can see why in the server log.",
+                reason="MODEL_FAILED",
             )
         if not wait:
             raise errors.model_loading(slot.config.id, self._remaining(slot))
@@ -309,8 +317,18 @@ class ModelRegistry:
                 if slot.state != "pending":
                     return
                 slot.state, slot.started_at = "loading", time.monotonic()
+        model_id = slot.config.id
+
+        def failed() -> None:
+            if self._on_failure:
+                self._on_failure(model_id)
+
+        def recovered() -> None:
+            if self._on_ready and slot.model is not None:
+                self._on_ready(slot.model)
+
         try:
-            model = load_model(slot.config, self.limits, self._on_batch, self.inference_threads)
+            model = load_model(slot.config, self.limits, self._on_batch, self.inference_threads, failed, recovered)
             model.batcher.start()
         except Exception as exc:
             slot.state, slot.error = "failed", f"{type(exc).__name__}: {exc}"

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import threading
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -24,13 +26,17 @@ from .models import ModelRegistry, RemoteModel, ServedModel
 from .pooling import l2_normalize
 from .tokenizer import Tokens
 
+# The name of the credential the current request was authenticated with ('' for an open service), set by the
+# auth interceptor: the cache keeps each caller's entries apart (`cache.per_credential`).
+caller: contextvars.ContextVar[str] = contextvars.ContextVar("caller", default="")
+
 
 @dataclass
 class EmbedRequest:
     """What a caller asks for, in the core's terms."""
 
-    # Texts, or lists of token ids of the model's own tokenizer (used as given).
-    inputs: list[str] | list[list[int]]
+    # Texts, or token ids of the model's own tokenizer (used as given), one int array (or list) per input.
+    inputs: list[str] | list[np.ndarray] | list[list[int]]
     # An id or alias; '' is the default model.
     model: str = ""
     # Cut an over-long input (from `truncation_direction`) instead of refusing it.
@@ -53,6 +59,8 @@ class EmbedRequest:
     param: str = "input"
     # Forward to this configured provider (Inworld's SERVICE_PROVIDER_OPENAI) with `model` as its model id.
     provider: str | None = None
+    # What the dialect needs back to write its answer (e.g. the model name as the caller spelled it); never read here.
+    echo: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -80,8 +88,11 @@ class EmbedResult:
 
 
 class Embedder:
-    def __init__(self, registry: ModelRegistry, limits: LimitsConfig, cache: EmbeddingCache, executor: Executor) -> None:
+    def __init__(
+        self, registry: ModelRegistry, limits: LimitsConfig, cache: EmbeddingCache, executor: Executor, per_credential_cache: bool = True
+    ) -> None:
         self.registry = registry
+        self.per_credential_cache = per_credential_cache
         self.limits = limits
         self.cache = cache
         self.executor = executor
@@ -107,10 +118,17 @@ class Embedder:
         if isinstance(model, RemoteModel):
             return await self._forward(req, model.provider, model.upstream_model, started, label=model.id)
         self._validate_options(req, model)
+        # Refuse a flood before paying to tokenize it (an estimate; the exact count is checked again below).
+        self._admit(model, self._estimate_tokens(model, req))
 
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
-        tokens = await loop.run_in_executor(self.executor, self._tokenize, model, req)
+        stop = threading.Event()  # set when the caller goes away: the tokenizer thread stops between chunks
+        try:
+            tokens = await loop.run_in_executor(self.executor, self._tokenize, model, req, stop)
+        except asyncio.CancelledError:
+            stop.set()
+            raise
         tokenize_seconds = time.perf_counter() - t0
 
         n = len(tokens)
@@ -120,7 +138,7 @@ class Embedder:
         hits = 0
         use_cache = req.use_cache and self.cache.enabled and not req.token_embeddings
         if use_cache:
-            keys = [EmbeddingCache.key(model.id, t.ids, t.prompt_length) for t in tokens]
+            keys = [EmbeddingCache.key(self._cache_space(model.id), t.ids, t.prompt_length) for t in tokens]
             missing = []
             for i, key in enumerate(keys):
                 vec = self.cache.get(key)
@@ -188,8 +206,8 @@ class Embedder:
         if req.prompt_name is not None:
             raise errors.invalid_argument(f"Unknown prompt_name {req.prompt_name!r}: a model served by a provider has no prompts.", "prompt_name")
         name = label or upstream
-        cache_model = f"{provider.name}/{upstream}"
-        keys = [(cache_model, 0, repr(x).encode() if not isinstance(x, str) else x.encode()) for x in req.inputs]
+        cache_model = self._cache_space(f"{provider.name}/{upstream}")
+        keys = [(cache_model, 0, x.encode() if isinstance(x, str) else np.asarray(x, dtype=np.int64).tobytes()) for x in req.inputs]
         use_cache = req.use_cache and self.cache.enabled
         found = {i: v for i, k in enumerate(keys) if use_cache and (v := self.cache.get(k)) is not None}
         missing = [i for i in range(len(keys)) if i not in found]
@@ -197,7 +215,8 @@ class Embedder:
         t0 = time.perf_counter()
         rows: dict[int, np.ndarray] = dict(found)
         if missing:
-            answer = await provider.embed([req.inputs[i] for i in missing], upstream, req.deadline)
+            items = [x if isinstance(x, str) else np.asarray(x).tolist() for x in (req.inputs[i] for i in missing)]
+            answer = await provider.embed(items, upstream, req.deadline)
             tokens = answer.tokens
             for row, i in enumerate(missing):
                 rows[i] = answer.vectors[row]
@@ -225,6 +244,12 @@ class Embedder:
 
     # -- steps ------------------------------------------------------------------------------------
 
+    def _cache_space(self, model: str) -> str:
+        """The cache's namespace: the model, and with keys configured the caller's credential, so that no caller can
+        learn (from `x-cache` or from timing) what another one embedded."""
+        who = caller.get() if self.per_credential_cache else ""
+        return f"{model}\0{who}" if who else model
+
     def _admit(self, model: ServedModel, new_tokens: int) -> None:
         """Backpressure: refuse at once, rather than queue work the server can't start soon."""
         queued = model.batcher.queued_tokens
@@ -243,19 +268,19 @@ class Embedder:
                 req.param,
                 "TOO_MANY_INPUTS",
             )
-        kind = str if isinstance(req.inputs[0], str) else list
+        texts = isinstance(req.inputs[0], str)
         for i, item in enumerate(req.inputs):
-            if not isinstance(item, kind):
-                raise errors.invalid_argument(f"Input {i} is not a {'string' if kind is str else 'list of token ids'} like input 0.", req.param)
-            if kind is str:
-                if not item:
-                    raise errors.invalid_argument(f"Input {i} is an empty string; every input must have text.", req.param, "EMPTY_INPUT")
-                if len(item) > self.limits.max_input_chars and not req.truncate:
-                    raise errors.invalid_argument(
-                        f"Input {i} has {len(item)} characters; at most {self.limits.max_input_chars} are accepted.",
-                        req.param,
-                        "INPUT_TOO_LONG",
-                    )
+            if isinstance(item, str) != texts:
+                raise errors.invalid_argument(f"Input {i} is not a {'string' if texts else 'list of token ids'} like input 0.", req.param)
+            if texts and not item:
+                raise errors.invalid_argument(f"Input {i} is an empty string; every input must have text.", req.param, "EMPTY_INPUT")
+            # Every limit applies on every path, truncating or not: a huge input never reaches a tokenizer thread.
+            if len(item) > self.limits.max_input_chars:
+                raise errors.invalid_argument(
+                    f"Input {i} has {len(item)} {'characters' if texts else 'tokens'}; at most {self.limits.max_input_chars} are accepted.",
+                    req.param,
+                    "INPUT_TOO_LONG",
+                )
         if req.truncation_direction not in ("right", "left"):
             raise errors.invalid_argument("truncation_direction must be Left or Right.", "truncation_direction")
 
@@ -270,19 +295,31 @@ class Embedder:
                 f"Unknown prompt_name {req.prompt_name!r} for {model.id}; its prompts are: {known}.", "prompt_name"
             )
 
-    def _tokenize(self, model: ServedModel, req: EmbedRequest) -> list[Tokens]:
+    # Inputs tokenized per call in the tokenizer thread: between chunks it checks whether anyone still waits.
+    TOKENIZE_CHUNK = 128
+
+    def _estimate_tokens(self, model: ServedModel, req: EmbedRequest) -> int:
+        """Tokens a request will queue, before tokenizing it: ~4 characters a token, capped at what the model reads."""
+        cap = model.tokenizer.max_seq_length
+        if isinstance(req.inputs[0], str):
+            return sum(min(cap, len(t) // 4 + 2) for t in req.inputs)  # type: ignore[arg-type]
+        return sum(min(cap, len(t)) for t in req.inputs)
+
+    def _tokenize(self, model: ServedModel, req: EmbedRequest, stop: threading.Event | None = None) -> list[Tokens]:
         if not isinstance(req.inputs[0], str):
             return model.tokenizer.from_ids(req.inputs, req.truncate, req.truncation_direction, req.param)  # type: ignore[arg-type]
         texts: list[str] = req.inputs  # type: ignore[assignment]
-        limit = self.limits.max_input_chars
-        # Characters beyond the limit can't survive token truncation anyway: clip before paying to tokenize them.
-        if req.truncate and any(len(t) > limit for t in texts):
-            texts = [t[-limit:] if req.truncation_direction == "left" else t[:limit] for t in texts]
         name = req.prompt_name if req.prompt_name is not None else model.default_prompt_name
         prompt = model.prompts.get(name, "") if name else ""
         if prompt:
             texts = [prompt + t for t in texts]
-        tokens = model.tokenizer.encode(texts, req.truncate, req.truncation_direction, req.param)
+        tokens: list[Tokens] = []
+        for start in range(0, len(texts), self.TOKENIZE_CHUNK):
+            if stop is not None and stop.is_set():
+                raise asyncio.CancelledError()
+            if req.deadline is not None and time.monotonic() > req.deadline:
+                raise errors.ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "The request's deadline passed while it was tokenized.", reason="DEADLINE_EXCEEDED")
+            tokens += model.tokenizer.encode(texts[start : start + self.TOKENIZE_CHUNK], req.truncate, req.truncation_direction, req.param, offset=start)
         if prompt and not model.include_prompt:
             plen = model.tokenizer.prompt_length(prompt)
             tokens = [Tokens(t.ids, t.type_ids, plen) for t in tokens]

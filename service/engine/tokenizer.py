@@ -45,8 +45,8 @@ class TextTokenizer:
                 tok.enable_truncation(max_seq_length, direction=side)
             self._variants[side] = tok
 
-    def encode(self, texts: list[str], truncate: bool, direction: str = "right", param: str = "input") -> list[Tokens]:
-        """Tokenizes `texts`; an input over the model's limit is cut from `direction` or refused."""
+    def encode(self, texts: list[str], truncate: bool, direction: str = "right", param: str = "input", offset: int = 0) -> list[Tokens]:
+        """Tokenizes `texts`; an input over the model's limit is cut from `direction` or refused (named by `offset + i`)."""
         tok = self._variants[direction]
         if self.lowercase:
             texts = [t.lower() for t in texts]
@@ -56,7 +56,7 @@ class TextTokenizer:
             if enc.overflowing and not truncate:
                 full = len(self._variants["none"].encode(texts[i]).ids)
                 raise errors.invalid_argument(
-                    f"Input {i} is {full} tokens long; this model reads at most {self.max_seq_length} tokens. "
+                    f"Input {offset + i} is {full} tokens long; this model reads at most {self.max_seq_length} tokens. "
                     "Shorten it or ask for truncation.",
                     param=param,
                     reason="context_length_exceeded",
@@ -68,7 +68,7 @@ class TextTokenizer:
         """Token ids given by the caller, used as they are (no special tokens added), as other servers do."""
         out = []
         for i, ids in enumerate(sequences):
-            if not ids:
+            if len(ids) == 0:
                 raise errors.invalid_argument(f"Input {i} is an empty list of tokens.", param=param)
             arr = np.asarray(ids, dtype=np.int64)
             if arr.min() < 0 or arr.max() >= self.vocab_size:
