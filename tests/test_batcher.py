@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 import time
 
+import grpc
 import numpy as np
 import pytest
 
@@ -219,5 +221,139 @@ async def test_mostly_padding_batches_are_split_even_within_budget(runtime):
         runtime.gate.set()
         await asyncio.wait_for(asyncio.gather(blocker.future, job.future), 5)
         assert sorted(sorted(f) for _, _, f in runtime.batches[1:]) == [[10, 11, 12], [99]]
+    finally:
+        b.stop(5)
+
+
+class FastTwoStreamRuntime(GatedRuntime):
+    """Two streams, no sleep: batches of one request finish on both threads at nearly the same moment."""
+
+    streams = 2
+
+    def forward(self, input_ids, attention_mask, token_type_ids, *, alone=True):
+        out = np.zeros((*input_ids.shape, 2), dtype=np.float32)
+        out[:, :, 0] = input_ids
+        out[:, :, 1] = attention_mask.sum(axis=1, keepdims=True)
+        return out
+
+
+class BarrierRuntime(FastTwoStreamRuntime):
+    """Two streams whose forward passes end at the same instant: the two batches of one request complete together."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.barrier = threading.Barrier(2)
+
+    def forward(self, input_ids, attention_mask, token_type_ids, *, alone=True):
+        out = super().forward(input_ids, attention_mask, token_type_ids, alone=alone)
+        try:
+            self.barrier.wait(2)
+        except threading.BrokenBarrierError:
+            self.barrier.reset()
+        return out
+
+
+def _yield_on_every_line(frame, event, arg):
+    """A tracer for the batcher's threads that gives up the GIL between lines of its code at random: forced thread
+    switches (CPython alone rarely switches inside a few lines), so an unguarded check-then-act between two threads
+    shows up within a few hundred tries."""
+    if not frame.f_code.co_filename.endswith("batcher.py"):
+        return None
+
+    def local(frame, event, arg):
+        if event == "line" and random.random() < 0.5:  # random interleavings, not a strict alternation
+            time.sleep(0.0001 * random.random())
+        return local
+
+    return local
+
+
+async def test_two_batches_of_one_request_finishing_together_lose_nothing():
+    import sys
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    b = Batcher("race2", BarrierRuntime(), first_token_head, 2, 0, max_batch_tokens=64, max_batch_size=2)
+    threading.settrace(_yield_on_every_line)  # the batcher's threads start traced
+    try:
+        b.start()
+    finally:
+        threading.settrace(None)
+    try:
+        loop = asyncio.get_running_loop()
+        for r in range(200):
+            want = [1 + r * 10 + i for i in range(4)]  # never the same twice: freed memory can't pass for a right answer
+            job = Job([tokens(i, 8) for i in want], False, loop)  # two batches, one per stream, side by side
+            b.submit(job)
+            await asyncio.wait_for(job.future, 10)
+            assert job.pooled[:, 0].tolist() == want, (r, job.pooled[:, 0].tolist())
+    finally:
+        sys.setswitchinterval(old)
+        b.stop(5)
+
+
+async def test_completion_is_thread_safe_under_many_streams_and_batches():
+    """Many requests, each spread over many batches run by two threads at once: every row is the request's own,
+    none is lost (uninitialised memory) and no request waits for a decrement that was lost."""
+    import sys
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # force thread switches inside the completion code
+    runtime = FastTwoStreamRuntime()
+    b = Batcher("race", runtime, first_token_head, 2, 0, max_batch_tokens=64, max_batch_size=2)
+    b.start()
+    try:
+        loop = asyncio.get_running_loop()
+        for _ in range(5):
+            jobs = [Job([tokens(1 + r * 1000 + i, 8 + (i % 3)) for i in range(40)], False, loop) for r in range(24)]
+            for job in jobs:
+                b.submit(job)
+            await asyncio.wait_for(asyncio.gather(*(j.future for j in jobs)), 30)
+            for r, job in enumerate(jobs):
+                assert job.pooled[:, 0].tolist() == [1 + r * 1000 + i for i in range(40)]
+    finally:
+        sys.setswitchinterval(old)
+        b.stop(5)
+
+
+async def test_a_batcher_thread_that_dies_fails_its_requests_reports_and_restarts(runtime):
+    failures, recoveries = [], []
+    b = Batcher("dies", runtime, first_token_head, 2, 0, max_batch_tokens=64, max_batch_size=8,
+                on_failure=lambda: failures.append(1), on_recovery=lambda: recoveries.append(1), max_restarts=1)
+    original = b._take_batch
+    boom = {"left": 1}
+
+    def take_batch():
+        if boom["left"]:
+            boom["left"] -= 1
+            raise RuntimeError("bug outside the forward pass")
+        return original()
+
+    b._take_batch = take_batch
+    b.start()
+    try:
+        loop = asyncio.get_running_loop()
+        doomed = Job([tokens(1, 4)], False, loop)
+        b.submit(doomed)
+        with pytest.raises(Exception) as e:
+            await asyncio.wait_for(doomed.future, 5)  # fails at once, never hangs
+        assert e.value.code == grpc.StatusCode.UNAVAILABLE and e.value.retry_elsewhere
+        assert failures == [1]  # reported (health NOT_SERVING) before its requests were failed
+        after = Job([tokens(2, 4)], False, loop)  # restarted: the next request is served
+        b.submit(after)
+        await asyncio.wait_for(after.future, 5)
+        assert after.pooled[0, 0] == 2 and recoveries == [1]
+        boom["left"] = 5  # dies again and again: past max_restarts it stays down, and says so at once
+        for _ in range(2):
+            job = Job([tokens(3, 4)], False, loop)
+            try:
+                b.submit(job)
+                with pytest.raises(Exception):
+                    await asyncio.wait_for(job.future, 5)
+            except Exception as refused:
+                assert refused.code == grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(Exception) as down:
+            b.submit(Job([tokens(4, 4)], False, loop))
+        assert down.value.code == grpc.StatusCode.UNAVAILABLE
     finally:
         b.stop(5)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 
 import numpy as np
+import orjson
 import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -102,3 +103,57 @@ def test_base64_round_trips(values, order):
     v = np.array(values, dtype=np.float32)
     decoded = np.frombuffer(base64.b64decode(base64_float32(v, order)), "<f4" if order == "little" else ">f4")
     assert np.array_equal(decoded, v)
+
+
+# -- hostile shapes: depth, size, huge numbers, wrong types at every level; answered in each dialect's own shape ----
+
+def dialect_shaped(path: str, r: requests.Response) -> None:
+    """A 4xx body in the route's own error shape."""
+    body = r.json()
+    if path.startswith("/ml/"):
+        assert isinstance(body.get("code"), int) and isinstance(body.get("message"), str), body
+    elif path.startswith(("/v1/embeddings", "/api/")):
+        assert set(body["error"]) >= {"message", "type"}, body
+    elif path.startswith("/models/"):
+        assert isinstance(body["error"], str) and "error_type" in body, body
+    else:
+        assert set(body) == {"code", "message"}, body
+
+
+def nest(value, depth: int, as_list: bool) -> str:
+    inner = orjson.dumps(value).decode()
+    return ("[" * depth + inner + "]" * depth) if as_list else ('{"a":' * depth + inner + "}" * depth)
+
+
+@FUZZ
+@given(
+    route=st.sampled_from(list(ROUTES)),
+    depth=st.integers(min_value=1, max_value=3000),
+    as_list=st.booleans(),
+    field_index=st.integers(min_value=0, max_value=4),
+    leaf=st.one_of(st.text(max_size=5), st.integers(min_value=-(2**70), max_value=2**70), st.floats(allow_nan=False, allow_infinity=False)),
+)
+def test_any_nesting_depth_is_a_clear_answer(stack, route, depth, as_list, field_index, leaf):
+    names = ROUTES[route]
+    field = names[field_index % len(names)]
+    raw = '{"%s":%s}' % (field, nest(leaf, depth, as_list))
+    r = requests.post(stack.http_url + route, data=raw, headers={"Content-Type": "application/json"}, timeout=60)
+    assert r.status_code < 500, (route, field, depth, r.status_code, r.text[:300])
+    if r.status_code >= 400:
+        dialect_shaped(route, r)
+
+
+@FUZZ
+@given(
+    route=st.sampled_from(list(ROUTES)),
+    size=st.integers(min_value=0, max_value=6000),
+    item=st.sampled_from([0, 2**31, 2**53, -1, 1.5, 1e308, "a", "", None, True, [], {}, [1, 2], [[1]]]),
+    field_index=st.integers(min_value=0, max_value=4),
+)
+def test_huge_arrays_and_huge_numbers_are_a_clear_answer(stack, route, size, item, field_index):
+    names = ROUTES[route]
+    field = names[field_index % len(names)]
+    r = requests.post(stack.http_url + route, json={field: [item] * size, "model": MODEL, "item_type": "job"}, timeout=120)
+    assert r.status_code < 500, (route, field, size, item, r.status_code, r.text[:300])
+    if r.status_code >= 400:
+        dialect_shaped(route, r)

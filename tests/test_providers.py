@@ -154,6 +154,8 @@ class ScriptedUpstream:
                 step = owner.script.pop(0) if owner.script else "ok"
                 if step == "429":
                     self._send(429, {"error": {"message": "slow down"}}, {"Retry-After": "1"})
+                elif step.isdigit():  # any other status, with OpenAI's error body
+                    self._send(int(step), {"error": {"message": f"upstream says {step}"}})
                 elif step == "slow":
                     time.sleep(5)
                     self._send(200, owner.answer(body))

@@ -205,11 +205,10 @@ class Batcher:
             while self._deaths and now - self._deaths[0] > self.restart_window:
                 self._deaths.popleft()
             give_up = len(self._deaths) > self.max_restarts
+            doomed = {id(e.job): e.job for e in self._entries}
+            doomed.update({id(j): j for j in self._rotation})
             for entry in self._entries:
                 entry.taken = True
-                entry.job.loop.call_soon_threadsafe(entry.job._fail, failure)
-            for job in self._rotation:
-                job.loop.call_soon_threadsafe(job._fail, failure)
             self._keys, self._entries = [], []
             self._rotation.clear()
             self._queued_tokens = 0
@@ -220,8 +219,10 @@ class Batcher:
                     reason="MODEL_FAILED", retry_after=1.0, retry_elsewhere=True,
                 )
             self._cond.notify_all()
-        if self.on_failure is not None:
+        if self.on_failure is not None:  # health first (NOT_SERVING), then the callers hear of it
             self.on_failure()
+        for job in doomed.values():
+            job.loop.call_soon_threadsafe(job._fail, failure)
         if give_up:
             log.error("batcher failed too often; the model stays out of service", extra={"model": self.name, "deaths": len(self._deaths)})
             return False
@@ -242,6 +243,8 @@ class Batcher:
                 alone = self._busy == 0 and not self._keys
                 self._busy += 1
                 self._alone = alone
+                if self._keys:  # work left: wake another stream now, not when this batch is done
+                    self._cond.notify()
             try:
                 self._execute(batch, alone)
             finally:

@@ -4,7 +4,9 @@
 - A large request is split into upstream batches of `max_batch` inputs, at most `max_concurrency` in
   flight per provider, and merged back in order.
 - 429 and 5xx (and dropped connections) are retried with exponential backoff, honouring `Retry-After`,
-  never past the caller's deadline.
+  never past the caller's deadline; nothing else is (an upstream 4xx will not change its mind). These are the
+  request's only retries of the upstream: the failures we answer are not marked for Envoy to retry, so one
+  request costs at most 1 + `max_retries` upstream calls per upstream batch.
 - Upstream failures become ours, worded for our caller: an upstream 401 is our UNAVAILABLE ("the
   upstream rejected this server's credentials"), never the caller's 401. The upstream key is sent only
   in the Authorization header to the upstream: it never reaches a log line or a response.
@@ -55,8 +57,15 @@ class OpenAIProvider:
         await self._client.aclose()
 
     async def embed(self, inputs: list[str] | list[list[int]], model: str, deadline: float | None) -> Forwarded:
+        """The upstream's vectors for `inputs`, in upstream batches; the first batch that fails cancels the others
+        (their answers would be thrown away: no upstream call is spent on a request that has already failed)."""
         size = self.config.max_batch
-        parts = await asyncio.gather(*[self._batch(inputs[i : i + size], model, deadline) for i in range(0, len(inputs), size)])
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(self._batch(inputs[i : i + size], model, deadline)) for i in range(0, len(inputs), size)]
+        except* errors.ServiceError as failed:
+            raise failed.exceptions[0] from None
+        parts = [t.result() for t in tasks]
         return Forwarded(np.concatenate([p.vectors for p in parts]), sum(p.tokens for p in parts))
 
     async def _batch(self, inputs: list, model: str, deadline: float | None) -> Forwarded:
