@@ -327,6 +327,19 @@ def test_every_dialect_gives_the_same_vectors(stack, reference):
         got[route + "-b64"] = [np.frombuffer(base64.b64decode(d["embedding"]), "<f4") for d in r.json()["data"]]
     got["huggingface"] = post(stack, f"/models/{MODEL}", {"inputs": TEXTS}).json()
     got["hrflow"] = [decode_float_list(post(stack, "/v1/document/embedding", {"item_type": "job", "item": {"text": t}}).json()["data"])[0] for t in TEXTS]
+    got["ollama"] = post(stack, "/api/embed", {"model": MODEL, "input": TEXTS}).json()["embeddings"]
+    # Ollama's older /api/embeddings answers the raw pooled vector (as Ollama does): the same vector before Normalize.
+    legacy = np.array([post(stack, "/api/embeddings", {"model": MODEL, "prompt": t}).json()["embedding"] for t in TEXTS], dtype=np.float32)
+    got["ollama-legacy"] = legacy / np.linalg.norm(legacy, axis=1, keepdims=True)
+    for route in ("/v2/embed", "/v1/embed"):
+        r = post(stack, route, {"model": MODEL, "texts": TEXTS, "embedding_types": ["float", "base64"]})
+        got["cohere" + route] = r.json()["embeddings"]["float"]
+        got["cohere" + route + "-b64"] = [np.frombuffer(base64.b64decode(s), "<f4") for s in r.json()["embeddings"]["base64"]]
+    for version in ("v1", "v1beta"):
+        contents = [{"parts": [{"text": t}]} for t in TEXTS]
+        r = post(stack, f"/{version}/models/{MODEL}:batchEmbedContents", {"requests": [{"content": c} for c in contents]})
+        got[f"gemini-{version}-batch"] = [e["values"] for e in r.json()["embeddings"]]
+        got[f"gemini-{version}"] = [post(stack, f"/{version}/models/{MODEL}:embedContent", {"content": c}).json()["embedding"]["values"] for c in contents]
     with grpc.insecure_channel(stack.server_targets[0]) as ch:
         resp = inworld_grpc.EmbeddingServiceStub(ch).Embed(inworld_pb.EmbedRequest(inputs=[inworld_pb.EmbedRequest.Input(text=t) for t in TEXTS]))
         got["grpc"] = [list(e.values) for e in resp.embeddings]

@@ -65,8 +65,9 @@ class HttpClient:
             raise RuntimeError(f"HTTP {status}: {payload[:200]!r}")
         return payload
 
-    async def request(self, path: str, body: dict, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-        data = orjson.dumps(body)
+    async def request(self, path: str, body: dict | bytes, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        """POSTs `body` (a dict as JSON, or bytes as they are); returns the status and the body."""
+        data = body if isinstance(body, bytes) else orjson.dumps(body)
         conn = self._pool.pop() if self._pool else await asyncio.open_connection(self.host, self.port)
         reader, writer = conn
         extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())

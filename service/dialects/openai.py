@@ -2,6 +2,9 @@
 
 The official SDKs ask for `encoding_format: base64` by default and decode it with
 `np.frombuffer(..., "float32")`: little-endian float32 bytes.
+
+`POST /api/embeddings` is also Ollama's older embeddings API: a body with `prompt` and no `input` is Ollama's,
+answered by `ollama.legacy_embeddings` when the Ollama dialect is enabled (see service/dialects/ollama.py).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from embedding.dialects.v1 import openai_pb2 as pb
 from .. import auth, errors, rpc
 from ..engine.encoding import base64_float32
 from ..engine.pipeline import EmbedRequest, EmbedResult, Embedder
-from . import Dialect
+from . import Dialect, enabled, ollama
 from .common import add_servicer, as_message, count_inputs, json_body, token_ids
 
 OWNER = "embedding-service"
@@ -113,12 +116,16 @@ def model_object(name: str, created: int) -> dict[str, Any]:
 
 
 class OpenAIServicer:
-    def __init__(self, embedder: Embedder, auto_truncate: bool = False) -> None:
+    def __init__(self, embedder: Embedder, auto_truncate: bool = False, ollama_legacy: bool = False) -> None:
         self.embedder = embedder
         self.auto_truncate = auto_truncate
+        self.ollama_legacy = ollama_legacy
         self.created = int(time.time())
 
     async def CreateEmbedding(self, raw: bytes, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:  # noqa: N802
+        if self.ollama_legacy and ollama.is_legacy_body(raw):
+            return await ollama.legacy_embeddings(self.embedder, raw, context)
+
         async def work() -> httpbody_pb2.HttpBody:
             info = rpc.call(context, self.embedder.limits.max_client_batch_size, auto_truncate=self.auto_truncate)
             core = await rpc.parse(raw, pb.CreateEmbeddingRequest, to_core, info)
@@ -151,7 +158,8 @@ DIALECT = Dialect(
     name="openai",
     services=(pb.DESCRIPTOR.services_by_name["OpenAI"].full_name,),
     add_to_server=lambda server, embedder, config: add_servicer(
-        server, pb.DESCRIPTOR.services_by_name["OpenAI"], OpenAIServicer(embedder, auto_truncate=config.limits.auto_truncate)
+        server, pb.DESCRIPTOR.services_by_name["OpenAI"],
+        OpenAIServicer(embedder, auto_truncate=config.limits.auto_truncate, ollama_legacy=ollama.DIALECT in enabled(config)),
     ),
     auth=(auth.BEARER,),
     error_body=error_body,

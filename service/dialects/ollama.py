@@ -1,0 +1,282 @@
+"""Ollama's embedding API: `POST /api/embed`, the older `POST /api/embeddings`, `GET /api/tags`, `GET /api/version`.
+
+As Ollama's server does (server/routes.go `EmbedHandler`): `/api/embed` L2-normalizes every vector, and with
+`dimensions` (0 < N < the model's dimension; anything else is ignored) keeps the first N components and
+normalizes again; `truncate` (default true) cuts an over-long input at its end, false makes it a 400
+`the input length exceeds the context length`; an empty `input` ("" or []) loads the model and answers
+`{"model", "embeddings": []}`; an unknown model is a 404 `model "x" not found, try pulling it first`.
+Errors are `{"error": "..."}`. Durations are integer nanoseconds.
+
+`POST /api/embeddings` (`{model, prompt}` → `{embedding}`, not normalized, as Ollama) is also AIGNE Hub's path
+(`{model, input}`, OpenAI's shape), and Envoy routes one path to one method: it is bound once, to
+`OpenAI.CreateEmbedding`, whose request has a `prompt` field. The body chooses the API: `prompt` without
+`input` is Ollama's, and that servicer hands such a request to `legacy_embeddings` here, which answers (and
+fails) in Ollama's shape. With the Ollama dialect disabled such a body gets AIGNE's answer (`input` is
+required); with the OpenAI dialect disabled the path is not served at all.
+
+A model named `x:latest` is `x` when only `x` is configured, as Ollama's own names work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from google.api import httpbody_pb2
+from google.protobuf import struct_pb2
+
+from embedding.dialects.v1 import ollama_pb2 as pb
+from embedding.dialects.v1 import openai_pb2
+
+from .. import auth, errors, rpc
+from ..engine.pipeline import EmbedRequest, Embedder
+from . import Dialect
+from ._shared import cut, served_model
+from .common import add_servicer, count_inputs, json_body
+
+# The Ollama release whose API this dialect follows (`/api/embed` with `dimensions` and `truncate`); clients that
+# check the server's version before using a feature see one that has it.
+OLLAMA_VERSION = "0.12.0"
+LATEST = ":latest"
+
+
+def error_body(err: errors.ServiceError) -> dict[str, Any]:
+    """`{"error": "..."}`, in Ollama's words where a client may test for them (404 → `ollama pull`)."""
+    if err.reason == "model_not_found" and err.resource:
+        return {"error": f"model {json.dumps(err.resource[1], ensure_ascii=False)} not found, try pulling it first"}
+    if err.reason == "context_length_exceeded":
+        return {"error": "the input length exceeds the context length"}
+    return {"error": err.message}
+
+
+def http_status(err: errors.ServiceError) -> int:
+    # Ollama answers a full queue with 503 ("server busy, please try again"), not 429.
+    return 503 if err.code == grpc.StatusCode.RESOURCE_EXHAUSTED else err.http_status
+
+
+def parse_input(v: struct_pb2.Value | None, max_inputs: int) -> list[str]:
+    """A string or an array of strings; "" and [] (and no input) are no inputs at all, as in Ollama."""
+    kind = v.WhichOneof("kind") if v is not None else None
+    if kind in (None, "null_value"):
+        return []
+    if kind == "string_value":
+        return [v.string_value] if v.string_value else []
+    if kind == "list_value":
+        count_inputs(v, max_inputs, "input")
+        items = v.list_value.values
+        if all(x.WhichOneof("kind") == "string_value" for x in items):
+            return [x.string_value for x in items]
+    raise errors.invalid_argument("invalid input type", "input")
+
+
+def to_core(request: pb.OllamaEmbedRequest, call: rpc.Call) -> EmbedRequest:
+    dimensions = request.dimensions if request.HasField("dimensions") and request.dimensions > 0 else None
+    return EmbedRequest(
+        inputs=parse_input(request.input if request.HasField("input") else None, call.max_inputs),
+        model=request.model,
+        normalize=True,
+        # Ollama cuts an over-long input at its end unless told not to.
+        truncate=request.truncate if request.HasField("truncate") else True,
+        truncation_direction="right",
+        deadline=call.deadline,
+        param="input",
+        echo={"model": request.model, "dimensions": dimensions},
+    )
+
+
+def to_body(vectors: np.ndarray, model: str, dimensions: int | None, tokens: int, total_ns: int, load_ns: int) -> httpbody_pb2.HttpBody:
+    return json_body({"model": model, "embeddings": cut(vectors, dimensions), "total_duration": total_ns,
+                      "load_duration": load_ns, "prompt_eval_count": tokens})
+
+
+# -- POST /api/embeddings (bound in openai.proto) -------------------------------------------------
+
+PROMPT_FIELD = openai_pb2.CreateEmbeddingRequest.DESCRIPTOR.fields_by_name["prompt"].number
+INPUT_FIELD = openai_pb2.CreateEmbeddingRequest.DESCRIPTOR.fields_by_name["input"].number
+
+
+def _varint(raw: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if i >= len(raw):
+            raise ValueError("truncated varint")
+        b = raw[i]
+        value |= (b & 0x7F) << shift
+        i += 1
+        if not b & 0x80:
+            return value, i
+        shift += 7
+
+
+def top_level_fields(raw: bytes) -> set[int]:
+    """The field numbers set in a serialized message, read from its tags alone: length-delimited fields are
+    skipped by their length, never parsed, so this costs a few steps however large the body."""
+    found: set[int] = set()
+    i = 0
+    try:
+        while i < len(raw):
+            key, i = _varint(raw, i)
+            number, wire = key >> 3, key & 7
+            found.add(number)
+            if wire == 0:
+                _, i = _varint(raw, i)
+            elif wire == 1:
+                i += 8
+            elif wire == 2:
+                length, i = _varint(raw, i)
+                i += length
+            elif wire == 5:
+                i += 4
+            else:
+                break
+    except ValueError:
+        pass  # malformed: the real parser will say so
+    return found
+
+
+def is_legacy_body(raw: bytes) -> bool:
+    """Whether a `CreateEmbeddingRequest` is Ollama's `{model, prompt}` rather than AIGNE Hub's `{model, input}`."""
+    fields = top_level_fields(raw)
+    return PROMPT_FIELD in fields and INPUT_FIELD not in fields
+
+
+def legacy_to_core(request: openai_pb2.CreateEmbeddingRequest, call: rpc.Call) -> EmbedRequest:
+    return EmbedRequest(
+        inputs=[request.prompt] if request.prompt else [],
+        model=request.model,
+        # The model's raw pooled vector, as Ollama's /api/embeddings answers (its /api/embed normalizes).
+        normalize=False,
+        truncate=True,
+        deadline=call.deadline,
+        param="prompt",
+    )
+
+
+def legacy_body(vector: np.ndarray | None) -> httpbody_pb2.HttpBody:
+    return json_body({"embedding": vector if vector is not None else []})
+
+
+async def legacy_embeddings(embedder: Embedder, raw: bytes, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:
+    """Ollama's `POST /api/embeddings`, handed over by the OpenAI servicer: answers and errors in Ollama's shape."""
+
+    async def work() -> httpbody_pb2.HttpBody:
+        core = await rpc.parse(raw, openai_pb2.CreateEmbeddingRequest, legacy_to_core, rpc.call(context, embedder.limits.max_client_batch_size))
+        core.model = model_name(embedder, core.model)
+        await served_model(embedder, core)  # an empty prompt only loads the model, as in Ollama
+        if not core.inputs:
+            return legacy_body(None)
+        result = await embedder.embed(core)
+        await rpc.respond(context, result)
+        return await rpc.encode(legacy_body, result.vectors.size, result.vectors[0])
+
+    return await rpc.handle(context, DIALECT, work)
+
+
+# -- the servicer ---------------------------------------------------------------------------------
+
+
+def model_name(embedder: Embedder, name: str) -> str:
+    """`x:latest` names `x` when only `x` is configured (Ollama's names default to the `latest` tag)."""
+    if name.endswith(LATEST) and name not in embedder.registry.names() and name[: -len(LATEST)] in embedder.registry.names():
+        return name[: -len(LATEST)]
+    return name
+
+
+def _folder_facts(path: str) -> tuple[int, str]:
+    """A model folder's size in bytes and its architecture (config.json's model_type), best effort."""
+    size = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                size += os.path.getsize(os.path.join(root, f))
+            except OSError:
+                pass
+    try:
+        family = str(json.loads((Path(path) / "config.json").read_text()).get("model_type") or "")
+    except (OSError, ValueError, AttributeError):
+        family = ""
+    return size, family
+
+
+class OllamaServicer:
+    def __init__(self, embedder: Embedder) -> None:
+        self.embedder = embedder
+        self.started = datetime.now(timezone.utc).isoformat()
+        self._tags: dict[str, Any] | None = None
+
+    async def Embed(self, raw: bytes, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:  # noqa: N802
+        async def work() -> httpbody_pb2.HttpBody:
+            started = time.perf_counter_ns()
+            core = await rpc.parse(raw, pb.OllamaEmbedRequest, to_core, rpc.call(context, self.embedder.limits.max_client_batch_size))
+            core.model = model_name(self.embedder, core.model)
+            # As Ollama: the model is loaded first (load_duration), and an empty input does only that.
+            served = await served_model(self.embedder, core)
+            load_ns = time.perf_counter_ns() - started
+            model = core.echo["model"] or served.id
+            if not core.inputs:
+                return json_body({"model": model, "embeddings": []})
+            result = await self.embedder.embed(core)
+            await rpc.respond(context, result)
+            return await rpc.encode(to_body, result.vectors.size, result.vectors, model, core.echo["dimensions"], result.total_tokens,
+                                    time.perf_counter_ns() - started, load_ns)
+
+        return await rpc.handle(context, DIALECT, work)
+
+    async def ListTags(self, raw: bytes, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:  # noqa: N802
+        async def work() -> httpbody_pb2.HttpBody:
+            if self._tags is None:
+                self._tags = {"models": [self._tag(name) for name in self.embedder.registry.names()]}
+            return json_body(self._tags)
+
+        return await rpc.handle(context, DIALECT, work)
+
+    def _tag(self, name: str) -> dict[str, Any]:
+        config = self.embedder.registry.config(name)
+        size, family = (0, "") if config.provider else _folder_facts(config.resolved_path())
+        return {
+            "name": name,
+            "model": name,
+            "modified_at": self.started,
+            "size": size,
+            "digest": hashlib.sha256(config.id.encode()).hexdigest(),
+            "details": {"parent_model": "", "format": "safetensors", "family": family, "families": [family] if family else None,
+                        "parameter_size": "", "quantization_level": ""},
+        }
+
+    async def Version(self, raw: bytes, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:  # noqa: N802
+        return await rpc.handle(context, DIALECT, _constant(json_body({"version": OLLAMA_VERSION})))
+
+    async def Root(self, raw: bytes, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:  # noqa: N802
+        return await rpc.handle(context, DIALECT, _constant(httpbody_pb2.HttpBody(content_type="text/plain; charset=utf-8", data=b"Ollama is running")))
+
+
+def _constant(body: httpbody_pb2.HttpBody):
+    async def work() -> httpbody_pb2.HttpBody:
+        return body
+
+    return work
+
+
+DIALECT = Dialect(
+    name="ollama",
+    services=(pb.DESCRIPTOR.services_by_name["Ollama"].full_name,),
+    add_to_server=lambda server, embedder, config: add_servicer(server, pb.DESCRIPTOR.services_by_name["Ollama"], OllamaServicer(embedder)),
+    # Ollama has no auth of its own; with keys configured its clients send `headers={"Authorization": "Bearer ..."}`.
+    auth=(auth.BEARER,),
+    error_body=error_body,
+    http_status=http_status,
+    # `/api/embed` as a prefix would also claim AIGNE Hub's `/api/embeddings`: matched exactly (a `^` regex). Its body-parse
+    # errors are Ollama's in any case, matched by the service name once the transcoder has rewritten the path.
+    rest_prefixes=("/api/tags", "/api/version", r"^/api/embed(\?.*)?$"),
+    envoy_error_body={"error": "%LOCAL_REPLY_BODY%"},
+    doc={"api": "Ollama", "routes": "`POST /api/embed`, `POST /api/embeddings` (`prompt`), `GET /api/tags`, `GET /api/version`",
+         "client": "`ollama`", "auth": "none of its own; `Authorization: Bearer` with keys configured",
+         "error": '`{"error": "..."}`'},
+)
