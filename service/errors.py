@@ -70,6 +70,9 @@ class ServiceError(Exception):
     metadata: dict[str, str] = field(default_factory=dict)
     # Another replica could answer this request (see RETRY_ELSEWHERE_HEADER).
     retry_elsewhere: bool = False
+    # The dialect whose shape this error takes, where it is not the route's: a path two APIs share, whose body
+    # chose the other one (Ollama's older `/api/embeddings` on AIGNE Hub's path).
+    dialect: str | None = None
 
     def __post_init__(self) -> None:
         super().__init__(self.message)
@@ -154,6 +157,10 @@ def trailing_metadata(err: ServiceError, dialect: Dialect | None) -> tuple[tuple
         md.append(("retry-after", str(math.ceil(err.retry_after))))
     if err.retry_elsewhere:
         md.append((RETRY_ELSEWHERE_HEADER, "1"))
+    if err.dialect is not None:
+        from .dialects import by_name
+
+        dialect = by_name(err.dialect) or dialect
     if dialect is not None and dialect.http_status is not None:
         status = dialect.http_status(err)
         if status != err.http_status:
@@ -176,6 +183,10 @@ def _dumps(obj: object) -> bytes:
 
 def render_body(err: ServiceError, dialect: Dialect | None) -> bytes | None:
     """The error body `dialect`'s clients expect, or None where google.rpc.Status JSON is the shape."""
+    if err.dialect is not None:
+        from .dialects import by_name
+
+        dialect = by_name(err.dialect) or dialect
     if dialect is None or dialect.error_body is None:
         return None
     return _dumps(dialect.error_body(err))

@@ -10,6 +10,7 @@ import json
 
 import grpc
 import numpy as np
+import orjson
 import pytest
 import requests
 from hypothesis import HealthCheck, given, settings
@@ -17,7 +18,6 @@ from hypothesis import strategies as st
 
 from ai.inworld.embedding.v1alpha import embedding_service_pb2 as inworld_pb
 from ai.inworld.embedding.v1alpha import embedding_service_pb2_grpc as inworld_grpc
-from embedding.dialects.v1 import openai_pb2
 from service.config import Config
 from service.dialects import enabled, ollama
 from service.envoy import render
@@ -202,16 +202,19 @@ def test_legacy_errors_are_ollamas(stack):
 
 
 def test_legacy_body_is_told_by_its_fields():
-    def raw(**fields):
-        return openai_pb2.CreateEmbeddingRequest(**fields).SerializeToString()
+    from google.api import httpbody_pb2
 
-    assert ollama.is_legacy_body(raw(model="m", prompt="hi"))
-    assert ollama.is_legacy_body(raw(prompt=""))  # present, empty (Ollama answers [])
-    assert not ollama.is_legacy_body(raw(model="m"))
-    big = openai_pb2.CreateEmbeddingRequest(model="m", prompt="p")
-    big.input.string_value = "x" * 1_000_000
-    assert not ollama.is_legacy_body(big.SerializeToString())  # `input` wins; found without parsing it
-    assert not ollama.is_legacy_body(b"\xff\xff\xff")  # malformed: left to the real parser
+    from service import rpc
+    from service.dialects import openai
+
+    def api(**fields):
+        body = httpbody_pb2.HttpBody(data=orjson.dumps(fields))
+        return openai.to_core(body, rpc.Call(settings={"ollama_legacy": True})).echo.get("api")
+
+    assert api(model="m", prompt="hi") == ollama.LEGACY
+    assert api(prompt="") == ollama.LEGACY  # present, empty (Ollama answers [])
+    assert api(model="m", input="x", prompt="p") is None  # `input` wins: AIGNE Hub's
+    assert api(model="m", input="x" * 1_000_000) is None
 
 
 def test_disabling_ollama_removes_its_routes():

@@ -104,3 +104,50 @@ def token_ids(values: Any, where: str, param: str) -> np.ndarray:
 def as_message(message: Any, call: Any) -> Any:
     """A `to_core` for methods whose parsed message is all they need."""
     return message
+
+
+def json_object(data: bytes, what: str = "request") -> dict[str, Any]:
+    """A raw JSON request body (a route whose body Envoy passes through as google.api.HttpBody) as a dict.
+
+    orjson refuses nesting past 1024 levels with a ValueError, so no body can exhaust the stack."""
+    try:
+        obj = orjson.loads(data)
+    except ValueError:
+        raise errors.invalid_argument(
+            f"We could not parse the JSON body of your {what}. (HINT: This likely means you aren't using your HTTP library "
+            "correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)", None, "INVALID_JSON"
+        ) from None
+    if not isinstance(obj, dict):
+        raise errors.invalid_argument(f"The body of your {what} must be a JSON object.", None, "INVALID_JSON")
+    return obj
+
+
+def typed(data: dict[str, Any], key: str, kind: type | tuple[type, ...], name: str) -> Any:
+    """data[key] when it is of `kind` (None when absent or null); a wrong type is a 400 naming the field."""
+    v = data.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise errors.invalid_argument(f"'{key}' must be {name}; got {v!r}.", key)
+    if not isinstance(v, kind):
+        raise errors.invalid_argument(f"'{key}' must be {name}; got {type(v).__name__}.", key)
+    return v
+
+
+def token_array(items: list[Any], where: str, param: str) -> np.ndarray:
+    """A JSON array of token ids as int64, checked in bulk: non-negative integers below 2**31, no booleans."""
+    if not items:
+        raise errors.invalid_argument(f"'{where}' is an empty token array.", param, "EMPTY_INPUT")
+    try:
+        arr = np.asarray(items) if all(type(x) is int or type(x) is float for x in items) else None
+    except OverflowError:
+        arr = None
+    if arr is None or arr.dtype.kind not in "iuf":
+        if arr is not None or all(type(x) in (int, float) for x in items):
+            raise errors.invalid_argument(f"'{where}' must hold non-negative integer token ids below 2**31.", param)
+        bad = next((x for x in items if type(x) not in (int, float)), items[0])
+        raise errors.invalid_argument(f"'{where}' must hold non-negative integer token ids; got {bad!r}.", param)
+    wrong = (arr < 0) | (arr >= 2**31) | (arr != np.floor(arr)) if arr.dtype.kind == "f" else (arr < 0) | (arr >= 2**31)
+    if wrong.any():
+        raise errors.invalid_argument(f"'{where}' must hold non-negative integer token ids; got {items[int(np.argmax(wrong))]!r}.", param)
+    return arr.astype(np.int64)

@@ -9,9 +9,9 @@ Errors are `{"error": "..."}`. Durations are integer nanoseconds.
 
 `POST /api/embeddings` (`{model, prompt}` → `{embedding}`, not normalized, as Ollama) is also AIGNE Hub's path
 (`{model, input}`, OpenAI's shape), and Envoy routes one path to one method: it is bound once, to
-`OpenAI.CreateEmbedding`, whose request has a `prompt` field. The body chooses the API: `prompt` without
-`input` is Ollama's, and that servicer hands such a request to `legacy_embeddings` here, which answers (and
-fails) in Ollama's shape. With the Ollama dialect disabled such a body gets AIGNE's answer (`input` is
+`OpenAI.CreateEmbedding`, whose JSON body Envoy passes through. The body chooses the API: `prompt` without
+`input` is Ollama's (`legacy_to_core`), and that servicer hands such a request to `legacy_embeddings` here,
+which answers (and fails) in Ollama's shape. With the Ollama dialect disabled such a body gets AIGNE's answer (`input` is
 required); with the OpenAI dialect disabled the path is not served at all.
 
 A model named `x:latest` is `x` when only `x` is configured, as Ollama's own names work.
@@ -33,7 +33,6 @@ from google.api import httpbody_pb2
 from google.protobuf import struct_pb2
 
 from embedding.dialects.v1 import ollama_pb2 as pb
-from embedding.dialects.v1 import openai_pb2
 
 from .. import auth, errors, rpc
 from ..engine.pipeline import EmbedRequest, Embedder
@@ -98,64 +97,28 @@ def to_body(vectors: np.ndarray, model: str, dimensions: int | None, tokens: int
 
 # -- POST /api/embeddings (bound in openai.proto) -------------------------------------------------
 
-PROMPT_FIELD = openai_pb2.CreateEmbeddingRequest.DESCRIPTOR.fields_by_name["prompt"].number
-INPUT_FIELD = openai_pb2.CreateEmbeddingRequest.DESCRIPTOR.fields_by_name["input"].number
+LEGACY = "ollama-legacy"  # EmbedRequest.echo["api"] of a request the OpenAI parser found to be Ollama's older API
 
 
-def _varint(raw: bytes, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if i >= len(raw):
-            raise ValueError("truncated varint")
-        b = raw[i]
-        value |= (b & 0x7F) << shift
-        i += 1
-        if not b & 0x80:
-            return value, i
-        shift += 7
+def _legacy_error(err: errors.ServiceError) -> errors.ServiceError:
+    err.dialect = "ollama"  # the path is AIGNE Hub's, the request Ollama's: its errors in Ollama's shape
+    return err
 
 
-def top_level_fields(raw: bytes) -> set[int]:
-    """The field numbers set in a serialized message, read from its tags alone: length-delimited fields are
-    skipped by their length, never parsed, so this costs a few steps however large the body."""
-    found: set[int] = set()
-    i = 0
-    try:
-        while i < len(raw):
-            key, i = _varint(raw, i)
-            number, wire = key >> 3, key & 7
-            found.add(number)
-            if wire == 0:
-                _, i = _varint(raw, i)
-            elif wire == 1:
-                i += 8
-            elif wire == 2:
-                length, i = _varint(raw, i)
-                i += length
-            elif wire == 5:
-                i += 4
-            else:
-                break
-    except ValueError:
-        pass  # malformed: the real parser will say so
-    return found
-
-
-def is_legacy_body(raw: bytes) -> bool:
-    """Whether a `CreateEmbeddingRequest` is Ollama's `{model, prompt}` rather than AIGNE Hub's `{model, input}`."""
-    fields = top_level_fields(raw)
-    return PROMPT_FIELD in fields and INPUT_FIELD not in fields
-
-
-def legacy_to_core(request: openai_pb2.CreateEmbeddingRequest, call: rpc.Call) -> EmbedRequest:
+def legacy_to_core(data: dict[str, Any], call: rpc.Call) -> EmbedRequest:
+    """Ollama's `{model, prompt}` (already parsed from the JSON body of `POST /api/embeddings`)."""
+    prompt, model = data.get("prompt"), data.get("model")
+    if not isinstance(prompt, str) or not isinstance(model, (str, type(None))):
+        raise _legacy_error(errors.invalid_argument("prompt and model must be strings", "prompt"))
     return EmbedRequest(
-        inputs=[request.prompt] if request.prompt else [],
-        model=request.model,
+        inputs=[prompt] if prompt else [],
+        model=model or "",
         # The model's raw pooled vector, as Ollama's /api/embeddings answers (its /api/embed normalizes).
         normalize=False,
         truncate=True,
         deadline=call.deadline,
         param="prompt",
+        echo={"api": LEGACY},
     )
 
 
@@ -163,11 +126,9 @@ def legacy_body(vector: np.ndarray | None) -> httpbody_pb2.HttpBody:
     return json_body({"embedding": vector if vector is not None else []})
 
 
-async def legacy_embeddings(embedder: Embedder, raw: bytes, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:
+async def legacy_embeddings(embedder: Embedder, core: EmbedRequest, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:
     """Ollama's `POST /api/embeddings`, handed over by the OpenAI servicer: answers and errors in Ollama's shape."""
-
-    async def work() -> httpbody_pb2.HttpBody:
-        core = await rpc.parse(raw, openai_pb2.CreateEmbeddingRequest, legacy_to_core, rpc.call(context, embedder.limits.max_client_batch_size))
+    try:
         core.model = model_name(embedder, core.model)
         await served_model(embedder, core)  # an empty prompt only loads the model, as in Ollama
         if not core.inputs:
@@ -175,8 +136,8 @@ async def legacy_embeddings(embedder: Embedder, raw: bytes, context: grpc.aio.Se
         result = await embedder.embed(core)
         await rpc.respond(context, result)
         return await rpc.encode(legacy_body, result.vectors.size, result.vectors[0])
-
-    return await rpc.handle(context, DIALECT, work)
+    except errors.ServiceError as err:
+        raise _legacy_error(err) from None
 
 
 # -- the servicer ---------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ from typing import Any
 import grpc
 import numpy as np
 from google.api import httpbody_pb2
-from google.protobuf import struct_pb2
 
 from embedding.dialects.v1 import openai_pb2 as pb
 
@@ -24,7 +23,7 @@ from .. import auth, errors, rpc
 from ..engine.encoding import base64_float32
 from ..engine.pipeline import EmbedRequest, EmbedResult, Embedder
 from . import Dialect, enabled, ollama
-from .common import add_servicer, as_message, count_inputs, json_body, token_ids
+from .common import add_servicer, as_message, json_body, json_object, token_array, typed
 
 OWNER = "embedding-service"
 log = logging.getLogger(__name__)
@@ -53,53 +52,57 @@ def error_body(err: errors.ServiceError) -> dict[str, Any]:
     }
 
 
-def parse_input(v: struct_pb2.Value | None, max_inputs: int) -> list[str] | list[np.ndarray]:
-    """string | string[] | int[] | int[][] → texts or token-id arrays; counts are checked before anything is converted."""
-    kind = v.WhichOneof("kind") if v is not None else None
-    if kind == "string_value":
-        if not v.string_value:
+def parse_input(raw: Any, max_inputs: int) -> list[str] | list[np.ndarray]:
+    """string | string[] | int[] | int[][] → texts or token-id arrays; the count is checked before anything is converted."""
+    if isinstance(raw, str):
+        if not raw:
             raise errors.invalid_argument("'input' cannot be an empty string.", "input", "EMPTY_INPUT")
-        return [v.string_value]
-    if kind in (None, "null_value"):
+        return [raw]
+    if raw is None:
         raise errors.invalid_argument("'input' is a required property.", "input", "EMPTY_INPUT")
-    if kind != "list_value":
+    if not isinstance(raw, list):
         raise errors.invalid_argument("'input' must be a string, an array of strings, or an array of token arrays.", "input")
-    count_inputs(v, max_inputs, "input")
-    items = v.list_value.values
-    if not items:
+    if len(raw) > max_inputs:
+        raise errors.invalid_argument(f"Too many inputs: {len(raw)}; at most {max_inputs} per request.", "input", "TOO_MANY_INPUTS")
+    if not raw:
         raise errors.invalid_argument("'input' cannot be an empty array.", "input", "EMPTY_INPUT")
-    kinds = {x.WhichOneof("kind") for x in items}
-    if kinds == {"string_value"}:
-        texts = [x.string_value for x in items]
-        for i, x in enumerate(texts):
+    first = raw[0]
+    if isinstance(first, str):
+        for i, x in enumerate(raw):
+            if not isinstance(x, str):
+                raise errors.invalid_argument("'input' mixes types; use strings only or token arrays only.", "input")
             if not x:
                 raise errors.invalid_argument(f"'input[{i}]' cannot be an empty string.", "input", "EMPTY_INPUT")
-        return texts
-    if kinds == {"number_value"}:
-        return [token_ids(items, "input", "input")]
-    if kinds == {"list_value"}:
-        return [token_ids(x.list_value.values, f"input[{i}]", "input") for i, x in enumerate(items)]
-    if "number_value" in kinds and not kinds & {"string_value", "list_value"}:
-        return [token_ids(items, "input", "input")]  # raises, naming the item that is not a token id
-    raise errors.invalid_argument("'input' mixes types; use strings only or token arrays only.", "input")
+        return raw
+    if isinstance(first, list):
+        if not all(isinstance(x, list) for x in raw):
+            raise errors.invalid_argument("'input' mixes types; use strings only or token arrays only.", "input")
+        return [token_array(x, f"input[{i}]", "input") for i, x in enumerate(raw)]
+    return [token_array(raw, "input", "input")]
 
 
-def to_core(request: pb.CreateEmbeddingRequest, call: rpc.Call) -> EmbedRequest:
-    fmt = request.encoding_format or "float"
+def to_core(body: httpbody_pb2.HttpBody, call: rpc.Call) -> EmbedRequest:
+    """OpenAI's JSON body (passed through by Envoy as raw bytes: no transcoding of a million token ids there)."""
+    data = json_object(body.data)
+    if call.settings.get("ollama_legacy") and "prompt" in data and "input" not in data:
+        return ollama.legacy_to_core(data, call)  # Ollama's older API on AIGNE Hub's path: its body chose
+    model = typed(data, "model", str, "a string") or ""
+    fmt = typed(data, "encoding_format", str, "'float' or 'base64'") or "float"
     if fmt not in ("float", "base64"):
         raise errors.invalid_argument(f"'encoding_format' must be 'float' or 'base64'; got {fmt!r}.", "encoding_format")
-    dimensions = request.dimensions if request.HasField("dimensions") else None
-    if dimensions is not None and dimensions < 1:
-        raise errors.invalid_argument(f"'dimensions' must be at least 1; got {dimensions}.", "dimensions")
+    dimensions = typed(data, "dimensions", (int, float), "an integer")
+    if dimensions is not None and (dimensions != int(dimensions) or dimensions < 1):
+        raise errors.invalid_argument(f"'dimensions' must be an integer of at least 1; got {dimensions}.", "dimensions")
+    typed(data, "user", str, "a string")
     return EmbedRequest(
-        inputs=parse_input(request.input if request.HasField("input") else None, call.max_inputs),
-        model=request.model,
-        dimensions=dimensions,
+        inputs=parse_input(data.get("input"), call.max_inputs),
+        model=model,
+        dimensions=int(dimensions) if dimensions is not None else None,
         # OpenAI refuses an input over the model's limit; operators may ask to truncate instead.
         truncate=bool(call.settings.get("auto_truncate")),
         deadline=call.deadline,
         param="input",
-        echo={"model": request.model, "encoding_format": fmt},
+        echo={"model": model, "encoding_format": fmt},
     )
 
 
@@ -123,12 +126,12 @@ class OpenAIServicer:
         self.created = int(time.time())
 
     async def CreateEmbedding(self, raw: bytes, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:  # noqa: N802
-        if self.ollama_legacy and ollama.is_legacy_body(raw):
-            return await ollama.legacy_embeddings(self.embedder, raw, context)
-
         async def work() -> httpbody_pb2.HttpBody:
-            info = rpc.call(context, self.embedder.limits.max_client_batch_size, auto_truncate=self.auto_truncate)
-            core = await rpc.parse(raw, pb.CreateEmbeddingRequest, to_core, info)
+            info = rpc.call(context, self.embedder.limits.max_client_batch_size, auto_truncate=self.auto_truncate,
+                            ollama_legacy=self.ollama_legacy)
+            core = await rpc.parse(raw, httpbody_pb2.HttpBody, to_core, info)
+            if core.echo.get("api") == ollama.LEGACY:
+                return await ollama.legacy_embeddings(self.embedder, core, context)
             result = await self.embedder.embed(core)
             await rpc.respond(context, result)
             fmt = core.echo["encoding_format"]
