@@ -4,8 +4,11 @@ or a crash; successful answers hold only finite numbers; the wire encodings roun
 from __future__ import annotations
 
 import base64
+import threading
+import time
 
 import numpy as np
+import pytest
 import orjson
 import requests
 from hypothesis import HealthCheck, given, settings
@@ -40,6 +43,35 @@ def json_values(field_names):
 
 def bodies(field_names):
     return st.dictionaries(st.one_of(st.sampled_from(field_names), st.text(max_size=8)), json_values(field_names), max_size=5)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def canary(stack):
+    """A one-text request every 50 ms for the whole fuzz run: it must always be answered, and answered fast
+    (a body the fuzzer made must never stall the other callers; tests/test_trust.py bounds this precisely)."""
+    stop = threading.Event()
+    seen: list[tuple[int, float]] = []
+
+    def loop():
+        n = 0
+        while not stop.is_set():
+            n += 1
+            t0 = time.perf_counter()
+            try:
+                status = requests.post(stack.http_url + "/v1/embeddings", json={"input": f"fuzz canary {n}", "model": MODEL}, timeout=30).status_code
+            except requests.RequestException:
+                status = 0
+            seen.append((status, time.perf_counter() - t0))
+            stop.wait(0.05)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    yield
+    stop.set()
+    thread.join(35)
+    assert seen and all(status == 200 for status, _ in seen), [s for s in seen if s[0] != 200][:5]
+    latencies = sorted(t for _, t in seen)
+    assert latencies[int(0.99 * (len(latencies) - 1))] < 1.0, latencies[-5:]
 
 
 def check(stack, path, body):
