@@ -93,13 +93,18 @@ class ServerConfig:
     metrics: bool = True
     # Port of /metrics (0: a free one).
     metrics_port: int = 9000
-    # Threads of the runtime's forward pass; 0 means one per core.
+    # Threads of the runtime's forward pass; 0 means one per CPU the process may use (its cgroup CPU quota, rounded
+    # up, within its affinity).
     inference_threads: int = 0
     # Seconds in-flight requests get to finish after SIGTERM.
     grace_seconds: float = 10.0
     # Seconds after SIGTERM during which the server, already NOT_SERVING (so load balancers stop sending), still
     # accepts new requests that were on their way; then it refuses new ones and drains. Pods set it (deploy/).
     drain_delay_seconds: float = 0.0
+    # The admin URL of the Envoy beside this server in a pod (e.g. http://127.0.0.1:9901): on SIGTERM the server makes it
+    # fail health checks, so Envoy closes its callers' keep-alive connections and they reconnect to other replicas.
+    # Empty: nothing to tell (several servers share one Envoy under `make run`). Pods set it (deploy/).
+    sidecar_admin_url: str = ""
     # Largest gRPC message accepted on the native port (and from Envoy); refused before it is parsed.
     max_message_bytes: int = 16 * 1024 * 1024
     # Calls and streams the gRPC server serves at once; more are refused (RESOURCE_EXHAUSTED) before they are parsed.

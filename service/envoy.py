@@ -107,8 +107,14 @@ def _not_grpc() -> dict[str, Any]:
     return {"header_filter": {"header": {"name": REST_MARK, "present_match": True}}}
 
 
+def _path_match(p: str) -> dict[str, Any]:
+    """A path prefix, or (when it starts with `^`) a regular expression (RE2) that the whole path, query string
+    included, must match: for a route that is a prefix of another API's (`/v1/embed` of `/v1/embeddings`)."""
+    return {"safe_regex": {"regex": p}} if p.startswith("^") else {"prefix": p}
+
+
 def _paths(prefixes: tuple[str, ...]) -> dict[str, Any]:
-    filters = [{"header_filter": {"header": {"name": ":path", "string_match": {"prefix": p}}}} for p in prefixes]
+    filters = [{"header_filter": {"header": {"name": ":path", "string_match": _path_match(p)}}} for p in prefixes]
     return filters[0] if len(filters) == 1 else {"or_filter": {"filters": filters}}
 
 

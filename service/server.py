@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -28,6 +29,7 @@ from .engine.models import ModelRegistry, ServedModel
 from .engine.pipeline import Embedder
 from .interceptors import AuthInterceptor, CallState, GateInterceptor
 from .launch import free_port
+from .runtimes import threads
 
 log = logging.getLogger(__name__)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -69,7 +71,7 @@ class EmbeddingServer:
         )
         self.cache = EmbeddingCache(config.cache.max_bytes)
         # Tokenization runs here, beside (not on) the event loop and the batcher threads.
-        self.executor = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 2), thread_name_prefix="tokenize")
+        self.executor = ThreadPoolExecutor(max_workers=min(4, threads.available_cpus()), thread_name_prefix="tokenize")
         self.embedder = Embedder(self.registry, config.limits, self.cache, self.executor, per_credential_cache=config.cache.per_credential)
         # Keys first: a keys file that is configured but unusable stops the start (KeysFileError).
         self.credentials = CredentialStore(config.auth.keys_file)
@@ -186,6 +188,8 @@ class EmbeddingServer:
         grace = self.config.server.grace_seconds if grace is None else grace
         delay = min(self.config.server.drain_delay_seconds, grace)
         await self.health.enter_graceful_shutdown()
+        if self.config.server.sidecar_admin_url:
+            await asyncio.get_running_loop().run_in_executor(None, self._fail_sidecar_health)
         log.info("draining", extra={"grace_seconds": grace, "drain_delay_seconds": delay, "inflight": self.calls.inflight})
         if self._watch_task is not None:
             self._watch_task.cancel()
@@ -203,6 +207,18 @@ class EmbeddingServer:
         offload.stop()
         log.info("stopped", extra={"seconds": round(time.monotonic() - started, 2)})
 
+    def _fail_sidecar_health(self) -> None:
+        """Tells the Envoy beside us (a pod's sidecar) that we are going: it fails its readiness at once and closes its
+        callers' keep-alive connections (HTTP/1 `Connection: close`, HTTP/2 GOAWAY), so they reconnect, through the
+        Service, to another replica. kube-proxy never moves an open connection: without this, a keep-alive client
+        would stay on this pod until the drain delay ends and it is refused."""
+        url = self.config.server.sidecar_admin_url.rstrip("/") + "/healthcheck/fail"
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, data=b"", method="POST"), timeout=1.0) as r:
+                log.info("told the Envoy sidecar to drain its connections", extra={"status": r.status})
+        except OSError as e:
+            log.warning("could not tell the Envoy sidecar to drain", extra={"error": type(e).__name__})
+
     async def wait(self) -> None:
         await self.server.wait_for_termination()
 
@@ -215,5 +231,8 @@ async def serve(config: Config) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, server.reload_credentials)
+    # A library that forks (without exec) must not hand its child our signal wakeup fd: a signal to that child would be
+    # read here as our own (it was: OpenVINO's telemetry child, SIGTERMed after 3 s, stopped the server).
+    os.register_at_fork(after_in_child=lambda: signal.set_wakeup_fd(-1))
     await stop.wait()
     await server.stop()

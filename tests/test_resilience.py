@@ -13,7 +13,7 @@ import requests
 
 from ai.inworld.embedding.v1alpha import embedding_service_pb2 as pb
 from ai.inworld.embedding.v1alpha import embedding_service_pb2_grpc as pb_grpc
-from service.launch import Stack
+from service.launch import Stack, free_port
 
 from .conftest import stack_config
 
@@ -118,3 +118,31 @@ def test_losing_one_of_two_replicas_under_load_loses_no_request(tmp_path):
         assert not failures, failures
         for text, r in results:  # and nobody got somebody else's vector
             assert np.abs(np.array(r.json()["data"][0]["embedding"]) - want[text]).max() <= 1e-5
+
+
+def test_a_draining_replica_closes_keep_alive_connections(tmp_path):
+    """kube-proxy never moves an open connection: a keep-alive client of a draining pod must be told to reconnect
+    (and its next connection goes to another replica) before the drain delay ends and new calls are refused."""
+    import http.client
+
+    cfg = stack_config()
+    cfg.server.drain_delay_seconds = 3.0
+    cfg.envoy.admin_port = free_port()
+    cfg.server.sidecar_admin_url = f"http://127.0.0.1:{cfg.envoy.admin_port}"  # as a pod's server has it
+    with Stack(cfg.validate(), log_dir=tmp_path) as s:
+        conn = http.client.HTTPConnection("127.0.0.1", s.config.envoy.listen_port, timeout=30)
+        body = '{"input": "keep alive", "model": "%s"}' % MODEL
+        conn.request("POST", "/v1/embeddings", body=body, headers={"Content-Type": "application/json"})
+        first = conn.getresponse()
+        first.read()
+        assert first.status == 200 and (first.getheader("connection") or "").lower() != "close"
+        s.stop_server(0, signal.SIGTERM)
+        time.sleep(0.5)  # draining, within the delay: still answered, and told to go
+        conn.request("POST", "/v1/embeddings", body=body, headers={"Content-Type": "application/json"})
+        second = conn.getresponse()
+        second.read()
+        assert second.status == 200
+        assert (second.getheader("connection") or "").lower() == "close"
+        r = requests.get(s.ready_url, timeout=5)
+        assert r.status_code == 503  # and the replica is out of the Service at once, not after a health check
+        conn.close()

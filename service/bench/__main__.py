@@ -89,6 +89,7 @@ def environment() -> dict[str, str]:
         "envoy": found.group(1) if found else "?",
     }
     try:
+        sys.modules.setdefault("openvino_telemetry", None)  # no telemetry (see service/runtimes/openvino.py)
         import openvino
 
         env["openvino"] = openvino.__version__

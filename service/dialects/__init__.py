@@ -46,7 +46,8 @@ class Dialect:
     # The HTTP status of a failure where the API's differs from the transcoder's gRPC→HTTP table (TEI's 413/422/424);
     # the server sends it and Envoy applies it. None: the table's.
     http_status: Callable[[ServiceError], int] | None = None
-    # REST path prefixes of its routes, for shaping Envoy's own replies (malformed JSON, 413) there.
+    # REST path prefixes of its routes, for shaping Envoy's own replies (malformed JSON, 413) there; an entry that
+    # starts with `^` is a regular expression the whole path must match (a route that is a prefix of another API's).
     rest_prefixes: tuple[str, ...] = ()
     # The body of Envoy's own replies on those routes (Envoy's `json_format`: %LOCAL_REPLY_BODY% is the message).
     envoy_error_body: dict[str, Any] | None = None

@@ -12,11 +12,18 @@ The model is compiled twice, because a small model can't keep every core busy wi
 from __future__ import annotations
 
 import queue
+import sys
 
 import numpy as np
 
 from .base import Runtime
 from .export import onnx_model
+
+# `import openvino` sends a telemetry event from a forked child that it SIGTERMs after 3 s when the network hangs
+# (blocked egress in a pod): the child shares the server's asyncio signal wakeup fd, so the server read that SIGTERM
+# as its own and shut down (found by tests/test_pod.py). A self-hosted, offline service sends nothing: without the
+# package, OpenVINO uses its no-op stub.
+sys.modules.setdefault("openvino_telemetry", None)
 
 _PRECISION_HINT = {"fp32": "f32", "bf16": "bf16"}
 
