@@ -8,6 +8,8 @@ PROTOS := $(shell find proto -name '*.proto' | sort)
 GEN_STAMP := gen/.stamp
 HRFLOW_VENV := .venv-hrflow
 HRFLOW_STAMP := $(HRFLOW_VENV)/.installed
+TEI_VENV := .venv-tei
+TEI_STAMP := $(TEI_VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
@@ -16,7 +18,7 @@ export TOKENIZERS_PARALLELISM := false
 run: $(GEN_STAMP)  ## start server + Envoy on the default model (Ctrl-C stops both)
 	$(PY) -m service.run --replicas $(or $(REPLICAS),1) $(ARGS)
 
-test: $(GEN_STAMP) $(HRFLOW_STAMP)  ## every test, against a real Envoy, a real server and the real model
+test: $(GEN_STAMP) $(HRFLOW_STAMP) $(TEI_STAMP)  ## every test, against a real Envoy, a real server and the real model
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 venv: $(STAMP)
@@ -25,6 +27,14 @@ venv: $(STAMP)
 $(HRFLOW_STAMP):
 	@test -x $(HRFLOW_VENV)/bin/python || $(PYTHON) -m venv $(HRFLOW_VENV)
 	$(HRFLOW_VENV)/bin/python -m pip install --quiet hrflow==1.9.0 numpy
+	@touch $@
+
+# Text Embeddings Inference's Python integrations, in their own environment: langchain-huggingface 1.2.1 (the last
+# release that takes an endpoint URL) needs huggingface_hub<2, which the main environment pins at 2.4.0.
+$(TEI_STAMP):
+	@test -x $(TEI_VENV)/bin/python || $(PYTHON) -m venv $(TEI_VENV)
+	$(TEI_VENV)/bin/python -m pip install --quiet langchain-huggingface==1.2.1 langchain-core==1.7.2 huggingface_hub==1.33.0 \
+		llama-index-embeddings-text-embeddings-inference==0.6.0 llama-index-core==0.14.25 numpy==2.4.6
 	@touch $@
 
 # torch first and pinned: that build lies on this machine's disk; anything unpinned pulls a CUDA build.

@@ -157,8 +157,15 @@ class LimitsConfig:
     max_batch_tokens: int = 2048
     # Inputs in one forward pass, whatever their length.
     max_batch_size: int = 256
-    # Dialects that refuse an input over the model's token limit (OpenAI) truncate it instead.
+    # OpenAI's and AIGNE's default for an input over the model's limit becomes truncate (rather than their
+    # `dialects.long_inputs` policy); kept for configurations written before that existed.
     auto_truncate: bool = False
+    # Tokens of one input, in every policy: more is a 400 (chunking reads up to this many; OpenAI's own limit is 8,191).
+    max_input_tokens: int = 8192
+    # Windows of the model's max_seq_length one request may be cut into (chunking); more is a 400.
+    max_windows_per_request: int = 1024
+    # Tokens two consecutive windows of a chunked input share.
+    chunk_overlap_tokens: int = 32
     # Requests being served at once; more are refused at once (RESOURCE_EXHAUSTED / 429 + Retry-After).
     max_concurrent_requests: int = 512
     # Tokens waiting in a model's queue; a request that would pass this is refused at once (429).
@@ -199,12 +206,30 @@ class CacheConfig:
     per_credential: bool = True
 
 
+LONG_INPUT_DEFAULTS = {
+    "openai": "chunk",  # OpenAI reads 8,191 tokens; AIGNE Hub is the same API
+    "cohere": "chunk",
+    "gemini": "chunk",
+    "ollama": "truncate",  # Ollama's own `truncate` defaults to true
+    "inworld": "truncate",
+    "hrflow": "truncate",
+    "huggingface": "refuse",  # TEI's `truncate` defaults to false
+    "tei": "refuse",
+}
+
+
 @dataclass
 class DialectsConfig:
     # Dialects to serve that are off by default (by name, e.g. `ollama`).
     enabled: list[str] = field(default_factory=list)
     # Dialects not to serve (by name, e.g. `hrflow`): the server does not register them, Envoy has no route to them.
     disabled: list[str] = field(default_factory=list)
+    # The model a dialect whose API names none (Text Embeddings Inference) uses, by dialect name, e.g. `{tei: multilingual}`;
+    # a dialect not listed uses the default model.
+    model: dict[str, str] = field(default_factory=dict)
+    # Per dialect, what happens to an input longer than the model reads when the API has no switch of its own (or the
+    # caller left it out): refuse | truncate | chunk. chunk for the APIs whose real service reads long inputs.
+    long_inputs: dict[str, str] = field(default_factory=lambda: dict(LONG_INPUT_DEFAULTS))
 
 
 @dataclass
@@ -286,7 +311,7 @@ class Config:
         if self.server.log_format not in ("json", "text"):
             raise ConfigError(f"server.log_format: {self.server.log_format!r} is not one of json, text")
         for key, value in dataclasses.asdict(self.limits).items():
-            if not isinstance(value, bool) and value < 1:
+            if not isinstance(value, bool) and value < (0 if key == "chunk_overlap_tokens" else 1):
                 raise ConfigError(f"limits.{key}: must be >= 1, not {value}")
         if self.auth.keys_file and not Path(self.auth.keys_file).is_file():
             raise ConfigError(f"auth.keys_file: {self.auth.keys_file!r} is not a file")
@@ -302,6 +327,16 @@ class Config:
             raise ConfigError("auth.reload_interval_seconds: must be >= 0")
         if not 0 <= self.envoy.retries <= 10:
             raise ConfigError("envoy.retries: must be between 0 and 10")
+        # A file that names some dialects keeps the defaults of the others.
+        self.dialects.long_inputs = {**LONG_INPUT_DEFAULTS, **self.dialects.long_inputs}
+        for name, policy in self.dialects.long_inputs.items():
+            if policy not in ("refuse", "truncate", "chunk"):
+                raise ConfigError(f"dialects.long_inputs.{name}: {policy!r} is not one of refuse, truncate, chunk")
+        if self.limits.chunk_overlap_tokens >= 64:
+            raise ConfigError("limits.chunk_overlap_tokens: must be below 64 (a window must move forward)")
+        for dialect, model in self.dialects.model.items():
+            if model not in names:
+                raise ConfigError(f"dialects.model.{dialect}: {model!r} is not a configured model or alias ({', '.join(names)})")
         both = set(self.dialects.enabled) & set(self.dialects.disabled)
         if both:
             raise ConfigError(f"dialects: {sorted(both)} both enabled and disabled")

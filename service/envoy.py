@@ -13,6 +13,7 @@ unknown route, body too large, no upstream) are shaped per route by `local_reply
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 from pathlib import Path
@@ -156,6 +157,44 @@ def render(config: Config, upstreams: list[tuple[str, int]] | None = None, descr
     upstreams = upstreams or [(config.server.host if config.server.host not in ("0.0.0.0", "::") else "127.0.0.1", config.server.grpc_port)]
     timeout = f"{env.route_timeout_seconds:g}s"
     host = listen_host(config)
+    rest_route = {
+        "match": {"prefix": "/"},
+        "request_headers_to_add": [
+            {
+                "header": {"key": DOWNSTREAM_HEADER, "value": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }
+        ],
+        "route": {
+            "cluster": "embedding_grpc",
+            "timeout": timeout,
+            "max_stream_duration": {"grpc_timeout_header_max": timeout},
+            # Embedding is idempotent: a request a replica could not answer (it died, reset the
+            # stream, or said so: draining, model loading) is tried on another one. Nothing else
+            # is retried here: an upstream provider's failure was already retried by the server,
+            # so one request has one retry budget end to end.
+            "retry_policy": {
+                "retry_on": "connect-failure,refused-stream,reset,retriable-headers",
+                "retriable_headers": [{"name": RETRY_ELSEWHERE_HEADER, "present_match": True}],
+                "num_retries": env.retries,
+                "per_try_timeout": timeout,
+                "retry_host_predicate": [
+                    {
+                        "name": "envoy.retry_host_predicates.previous_hosts",
+                        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"},
+                    }
+                ],
+                "host_selection_retry_max_attempts": 10,
+            },
+        },
+    }
+    grpc_route = {
+        **copy.deepcopy(rest_route),
+        "match": {"prefix": "/", "headers": [{"name": "content-type", "string_match": {"prefix": "application/grpc"}}]},
+        "typed_per_filter_config": {
+            "envoy.filters.http.buffer": {"@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.BufferPerRoute", "disabled": True}
+        },
+    }
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "embeddings",
@@ -171,39 +210,9 @@ def render(config: Config, upstreams: list[tuple[str, int]] | None = None, descr
                     "name": "embeddings",
                     "domains": ["*"],
                     # After transcoding every path is a gRPC method path: one route serves all.
-                    "routes": [
-                        {
-                            "match": {"prefix": "/"},
-                            "request_headers_to_add": [
-                                {
-                                    "header": {"key": DOWNSTREAM_HEADER, "value": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"},
-                                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-                                }
-                            ],
-                            "route": {
-                                "cluster": "embedding_grpc",
-                                "timeout": timeout,
-                                "max_stream_duration": {"grpc_timeout_header_max": timeout},
-                                # Embedding is idempotent: a request a replica could not answer (it died, reset the
-                                # stream, or said so: draining, model loading) is tried on another one. Nothing else
-                                # is retried here: an upstream provider's failure was already retried by the server,
-                                # so one request has one retry budget end to end.
-                                "retry_policy": {
-                                    "retry_on": "connect-failure,refused-stream,reset,retriable-headers",
-                                    "retriable_headers": [{"name": RETRY_ELSEWHERE_HEADER, "present_match": True}],
-                                    "num_retries": env.retries,
-                                    "per_try_timeout": timeout,
-                                    "retry_host_predicate": [
-                                        {
-                                            "name": "envoy.retry_host_predicates.previous_hosts",
-                                            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"},
-                                        }
-                                    ],
-                                    "host_selection_retry_max_attempts": 10,
-                                },
-                            },
-                        }
-                    ],
+                    # Native gRPC first: its streams pass through unbuffered (TEI's EmbedStream streams both ways); the
+                    # buffer filter's body limit is for REST, and the server bounds gRPC messages itself.
+                    "routes": [grpc_route, rest_route],
                 }
             ],
         },

@@ -93,7 +93,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation: Continuation, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         dialect = dialect_of(details.method)
-        if dialect is None or not self.store.enabled:
+        if dialect is None or not self.store.enabled or details.method in dialect.public_methods:
             return await continuation(details)
         metadata = _metadata(details)
         try:

@@ -29,6 +29,7 @@ BATCH_TOKENS = Histogram(
 CREDENTIAL_RELOADS = Counter(
     "embedding_credential_reloads", "Reloads of the API keys by result: ok, invalid (kept the previous keys), empty (kept them too)", ["result"]
 )
+LONG_INPUTS = Counter("embedding_long_inputs", "Inputs longer than the model reads, by what was done: truncated or chunked", ["model", "action"])
 BATCH_SECONDS = Histogram("embedding_batch_duration_seconds", "Time of one forward pass with pooling", ["model"], buckets=LATENCY_BUCKETS)
 
 
@@ -47,6 +48,10 @@ def observe_request(dialect: str, model: str, code: str, seconds: float, result=
         STAGE_SECONDS.labels(result.model, "queue").observe(t.queue)
         STAGE_SECONDS.labels(result.model, "inference").observe(t.inference)
         INPUTS.labels(result.model).inc(len(result.token_counts))
+        if result.truncated:
+            LONG_INPUTS.labels(result.model, "truncated").inc(result.truncated)
+        if result.chunked:
+            LONG_INPUTS.labels(result.model, "chunked").inc(result.chunked)
         TOKENS.labels(result.model).inc(result.total_tokens)
 
 

@@ -42,6 +42,21 @@ def _worker_init() -> None:
     # The parent decides when workers end (it shuts the pool down); a Ctrl-C meant for it must not print tracebacks here.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # Parsing a huge body yields the CPU to everything else: a one-text request must not wait behind it.
+    try:
+        os.nice(10)
+    except OSError:
+        pass
+    # And a parent that is killed (SIGKILL, OOM) takes its workers with it: Linux signals the orphan at once.
+    try:
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() == 1:  # the parent was already gone before prctl took effect
+            os._exit(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _noop() -> None:

@@ -38,10 +38,18 @@ class Call:
     max_inputs: int = 2048
     # Dialect settings from the configuration (e.g. OpenAI's auto_truncate).
     settings: dict[str, Any] = field(default_factory=dict)
+    # What this route does with an input longer than the model reads when its API has no switch for it, or the caller
+    # left the switch out (`dialects.long_inputs`): refuse | truncate | chunk.
+    long_inputs: str = "truncate"
+
+
+# `dialects.long_inputs`, set by the server at start; the dialect being served, set by `handle` for `call` to read.
+LONG_INPUTS: dict[str, str] = {}
+_dialect: contextvars.ContextVar[str] = contextvars.ContextVar("dialect", default="")
 
 
 def call(context: grpc.aio.ServicerContext, max_inputs: int, **settings: Any) -> Call:
-    return Call(metadata(context), deadline(context), max_inputs, settings)
+    return Call(metadata(context), deadline(context), max_inputs, settings, LONG_INPUTS.get(_dialect.get(), "truncate"))
 
 
 def _parse(message_type: Any, to_core: Callable[[Any, Call], T], raw: bytes, info: Call) -> T:
@@ -91,14 +99,17 @@ def result_headers(result: EmbedResult) -> list[tuple[str, str]]:
         ("x-queue-time", f"{t.queue * 1000:.3f}"),
         ("x-inference-time", f"{t.inference * 1000:.3f}"),
         ("x-compute-tokens", str(result.total_tokens)),
+        # Nothing is silent: how many inputs lost text, and how many were read as several windows.
+        ("x-truncated-inputs", str(result.truncated)),
+        ("x-chunked-inputs", str(result.chunked)),
         ("x-cache", "hit" if result.cache_hits == len(result.vectors) else "miss"),
         ("x-model-id", result.model),
     ]
 
 
-async def respond(context: grpc.aio.ServicerContext, result: EmbedResult) -> None:
-    """Timing as response headers (REST through Envoy) and as trailing metadata (gRPC callers)."""
-    headers = result_headers(result)
+async def respond(context: grpc.aio.ServicerContext, result: EmbedResult, extra: tuple[tuple[str, str], ...] = ()) -> None:
+    """Timing as response headers (REST through Envoy) and as trailing metadata (gRPC callers); `extra`: a dialect's own."""
+    headers = [*result_headers(result), *extra]
     _result.set(result)
     await context.send_initial_metadata(headers)
     context.set_trailing_metadata(headers)
@@ -106,6 +117,7 @@ async def respond(context: grpc.aio.ServicerContext, result: EmbedResult) -> Non
 
 async def handle(context: grpc.aio.ServicerContext, dialect: Dialect, work: Callable[[], Awaitable[T]]) -> T:
     started = time.perf_counter()
+    _dialect.set(dialect.name)
     request_id.set(metadata(context).get("x-request-id"))
     _result.set(None)
     try:

@@ -21,7 +21,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from . import dialects, metrics, offload, tracing
+from . import dialects, metrics, offload, rpc, tracing
 from .auth import CredentialStore
 from .config import Config
 from .engine.cache import EmbeddingCache
@@ -106,6 +106,7 @@ class EmbeddingServer:
 
     async def start(self) -> int:
         self._loop = asyncio.get_running_loop()
+        rpc.LONG_INPUTS.update(self.config.dialects.long_inputs)
         for dialect in self.dialects:  # one servicer per dialect, all over the same embedder
             dialect.add_to_server(self.server, self.embedder, self.config)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

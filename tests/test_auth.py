@@ -32,6 +32,7 @@ GOOD = {
     "aigne": {"Authorization": f"Bearer {BEARER}"},
     "huggingface": {"Authorization": f"Bearer {BEARER}"},
     "hrflow": {"X-API-KEY": HRFLOW_KEY, "X-USER-EMAIL": "me@example.com"},
+    "tei": {"Authorization": f"Bearer {BEARER}"},
 }
 ROUTES = {
     "inworld": ("/ml/v1alpha/embedding:embed", {"inputs": [{"text": "hi"}]}),
@@ -39,6 +40,7 @@ ROUTES = {
     "aigne": ("/api/embeddings", {"input": "hi", "model": MODEL}),
     "huggingface": (f"/models/{MODEL}", {"inputs": "hi"}),
     "hrflow": ("/v1/document/embedding", {"item_type": "job", "item": {"name": "Chef"}}),
+    "tei": ("/embed", {"inputs": "hi"}),
 }
 
 
@@ -77,6 +79,8 @@ def assert_unauthorized_body(dialect, r, key_sent=None):
         assert set(body["error"]) == {"message", "type", "param", "code"}
     elif dialect == "huggingface":
         assert isinstance(body["error"], str)
+    elif dialect == "tei":
+        assert set(body) == {"error", "error_type"} and body["error_type"] == "Unauthorized"
     else:
         assert body["code"] == 401 and body["message"].startswith("Unauthorized.")
         if key_sent:
@@ -89,6 +93,7 @@ OTHER_SCHEME = {
     "aigne": {"Authorization": BASIC},
     "huggingface": {"X-API-KEY": BEARER},
     "hrflow": {"Authorization": f"Bearer {HRFLOW_KEY}"},
+    "tei": {"Authorization": BASIC},
 }
 
 

@@ -109,7 +109,9 @@ def test_v2_float_by_default_dimension_and_truncation(v2, reference):
     start = v2.embed(model=MODEL, texts=[tail], input_type="classification", truncate="START", request_options=NO_RETRY).embeddings.float_
     close(end, reference.encode([tail]))
     assert not np.allclose(end, start)
-    close(v2.embed(model=MODEL, texts=[tail], input_type="classification", request_options=NO_RETRY).embeddings.float_, end)  # END is the default
+    # Left out, the whole input is read (dialects.long_inputs.cohere: chunk): neither cut.
+    whole = v2.embed(model=MODEL, texts=[tail], input_type="classification", request_options=NO_RETRY).embeddings.float_
+    assert not np.allclose(whole, end, atol=1e-4) and not np.allclose(whole, start, atol=1e-4)
 
 
 def test_v2_inputs_with_text_content(v2, reference):

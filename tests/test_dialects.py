@@ -20,11 +20,13 @@ import requests
 from ai.inworld.embedding.v1alpha import embedding_service_pb2 as inworld_pb
 from ai.inworld.embedding.v1alpha import embedding_service_pb2_grpc as inworld_grpc
 from service.dialects.hrflow import item_text
+from tei.v1 import tei_pb2, tei_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 TEXTS = ["Hello Inworld!", "The food was delicious and the waiter...", "Hola, ¿cómo estás hoy?"]
 LONG = " ".join(["embedding"] * 300)  # 302 tokens: over all-MiniLM-L6-v2's 256
+HUGE = " ".join(["embedding"] * 9000)  # 9,002 tokens: over limits.max_input_tokens
 
 # The seed's example profile (000), trimmed of nothing that matters to the text.
 PROFILE = {
@@ -126,7 +128,7 @@ def test_openai_exact_response_shape(stack):
         ({"input": [], "model": MODEL}, 400, "input", "empty array"),
         ({"input": ["a", ""], "model": MODEL}, 400, "input", "input[1]"),
         ({"input": ["a"] * 2049, "model": MODEL}, 400, "input", "2048"),
-        ({"input": LONG, "model": MODEL}, 400, "input", "256 tokens"),
+        ({"input": HUGE, "model": MODEL}, 400, "input", "8192 tokens"),  # longer ones are chunked: tests/test_long_inputs.py
         ({"input": ["a", 1], "model": MODEL}, 400, "input", "mixes types"),
         ({"input": [[1, -2]], "model": MODEL}, 400, "input", "token ids"),
         ({"input": [[1, 2.5]], "model": MODEL}, 400, "input", "token ids"),
@@ -340,8 +342,14 @@ def test_every_dialect_gives_the_same_vectors(stack, reference):
         r = post(stack, f"/{version}/models/{MODEL}:batchEmbedContents", {"requests": [{"content": c} for c in contents]})
         got[f"gemini-{version}-batch"] = [e["values"] for e in r.json()["embeddings"]]
         got[f"gemini-{version}"] = [post(stack, f"/{version}/models/{MODEL}:embedContent", {"content": c}).json()["embedding"]["values"] for c in contents]
+    for route in ("/embed", "/"):  # Text Embeddings Inference
+        got["tei" + route] = post(stack, route, {"inputs": TEXTS}).json()
     with grpc.insecure_channel(stack.server_targets[0]) as ch:
         resp = inworld_grpc.EmbeddingServiceStub(ch).Embed(inworld_pb.EmbedRequest(inputs=[inworld_pb.EmbedRequest.Input(text=t) for t in TEXTS]))
         got["grpc"] = [list(e.values) for e in resp.embeddings]
+    with grpc.insecure_channel(stack.envoy_target) as ch:  # TEI's own gRPC API (normalize is false unless asked, as in TEI)
+        tei = tei_pb2_grpc.EmbedStub(ch)
+        got["tei-grpc"] = [list(tei.Embed(tei_pb2.EmbedRequest(inputs=t, normalize=True)).embeddings) for t in TEXTS]
+        got["tei-grpc-stream"] = [list(r.embeddings) for r in tei.EmbedStream(iter(tei_pb2.EmbedRequest(inputs=t, normalize=True) for t in TEXTS))]
     for name, vectors in got.items():
         np.testing.assert_allclose(np.asarray(vectors, dtype=np.float32), want, atol=1e-5, rtol=0, err_msg=name)

@@ -228,3 +228,57 @@ def test_reflection_lists_the_service(stack):
         # grpcurl needs the whole file, with the request message, from reflection alone.
         fd = db.FindFileContainingSymbol("ai.inworld.embedding.v1alpha.EmbeddingService")
         assert "EmbedRequest" in [m.name for m in fd.message_type]
+
+
+# -- Tokenize -----------------------------------------------------------------------------------------------------
+
+TOKENIZE_ROUTE = "/ml/v1alpha/embedding:tokenize"
+
+
+def test_tokenize_rest_gives_the_ids_embed_reads(stack, reference):
+    texts = SEED_EXAMPLES["multilingual_content"] + [" ".join(["embedding"] * 400)]
+    r = post(stack, body(texts), route=TOKENIZE_ROUTE)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    want = [reference.tokenizer(t, truncation=True, max_length=256)["input_ids"] for t in texts]
+    assert [t["tokenIds"] for t in data["tokens"]] == want
+    assert [t["tokenCount"] for t in data["tokens"]] == [len(w) for w in want]
+    assert [t["truncated"] for t in data["tokens"]] == [False] * 4 + [True]
+    assert data["usage"] == {"tokenCount": sum(len(w) for w in want), "model": {"model": MODEL, "serviceProvider": "SERVICE_PROVIDER_INWORLD"}}
+    # What Embed reports reading for the same body.
+    assert post(stack, body(texts)).json()["usage"]["tokenCount"] == data["usage"]["tokenCount"]
+
+
+def test_tokenize_grpc(channel, reference):
+    stub = pb_grpc.EmbeddingServiceStub(channel)
+    texts = SEED_EXAMPLES["multiple_texts"]
+    resp = stub.Tokenize(pb.TokenizeRequest(inputs=[pb.EmbedRequest.Input(text=t) for t in texts]), timeout=30)
+    assert [list(t.token_ids) for t in resp.tokens] == [reference.tokenizer(t)["input_ids"] for t in texts]
+    assert [t.token_count for t in resp.tokens] == [len(t.token_ids) for t in resp.tokens]
+    assert not any(t.truncated for t in resp.tokens)
+    assert resp.usage.model.model == MODEL and resp.usage.token_count == sum(t.token_count for t in resp.tokens)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Tokenize(pb.TokenizeRequest(inputs=[pb.EmbedRequest.Input(text="a")], model=pb.ModelId(model="nope")), timeout=10)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Tokenize(pb.TokenizeRequest(inputs=[pb.EmbedRequest.Input(text="a")], model=pb.ModelId(service_provider=2)), timeout=10)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+@pytest.mark.parametrize(
+    "payload, http, code, needle",
+    [
+        ({"inputs": []}, 400, 3, "At least one input"),
+        ({"inputs": [{"text": ""}]}, 400, 3, "inputs[0].text is empty"),
+        ({"inputs": [{"text": "a"}, {}]}, 400, 3, "inputs[1] has no text"),
+        ({"inputs": [{"text": 5}]}, 400, 3, "inputs[0].text"),
+        ({"inputs": [{"text": "a"}], "model": {"model": "nope"}}, 404, 5, "sentence-transformers/all-MiniLM-L6-v2"),
+        ({"inputs": [{"text": "a"}], "model": {"serviceProvider": "SERVICE_PROVIDER_OPENAI"}}, 400, 9, "Tokenize is not available"),
+        ({"inputs": [{"text": "a"}] * 2049}, 400, 3, "Too many inputs"),
+    ],
+)
+def test_tokenize_errors_are_rpc_status_json(stack, payload, http, code, needle):
+    r = post(stack, payload, route=TOKENIZE_ROUTE)
+    assert r.status_code == http, r.text
+    data = status_body(r)
+    assert data["code"] == code and needle in data["message"]

@@ -51,6 +51,8 @@ class Dialect:
     rest_prefixes: tuple[str, ...] = ()
     # The body of Envoy's own replies on those routes (Envoy's `json_format`: %LOCAL_REPLY_BODY% is the message).
     envoy_error_body: dict[str, Any] | None = None
+    # Full gRPC method names (`/pkg.Service/Method`) any caller may use without a key (TEI's /health, open in TEI).
+    public_methods: tuple[str, ...] = ()
     # Default on or off (an operator changes it with `dialects.enabled` / `dialects.disabled`).
     enabled_by_default: bool = True
     # Free-form notes for the README's dialect table: route, client, auth scheme.

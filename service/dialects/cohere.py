@@ -8,7 +8,8 @@
 - `input_type` picks the model's prompt for it where the model has one: `search_query` → `search_query` or
   `query`, `search_document` → `search_document`, `document` or `passage`, `classification` and `clustering` →
   the prompt of that name; none of them: the model's default.
-- `truncate`: END (default) cuts an over-long input at its end, START at its start, NONE refuses it (400).
+- `truncate`: END cuts an over-long input at its end, START at its start, NONE refuses it (400); left out, the
+  whole input is read in windows (`dialects.long_inputs.cohere`: chunk), as Cohere reads long inputs.
 - `output_dimension`: the first N components, normalized again. `max_tokens` is accepted; inputs are cut at
   the model's own limit (see the README).
 - v1 without `embedding_types` answers `embeddings_floats` (a bare list of float vectors), else by type.
@@ -118,22 +119,24 @@ def to_core(request: pb.CohereEmbedRequest, call: rpc.Call) -> EmbedRequest:
             raise errors.invalid_argument(f"embedding_types must be among {', '.join(EMBEDDING_TYPES)}; got {t!r}.", "embedding_types")
         if t.lower() not in types:
             types.append(t.lower())
-    truncate = (request.truncate or "END").upper()
-    if truncate not in TRUNCATE:
+    truncate = request.truncate.upper()
+    if truncate and truncate not in TRUNCATE:
         raise errors.invalid_argument(f"truncate must be NONE, START or END; got {request.truncate!r}.", "truncate")
     dimensions = request.output_dimension if request.HasField("output_dimension") else None
     if dimensions is not None and dimensions < 1:
         raise errors.invalid_argument(f"output_dimension must be at least 1; got {dimensions}.", "output_dimension")
     if request.HasField("max_tokens") and request.max_tokens < 1:
         raise errors.invalid_argument(f"max_tokens must be at least 1; got {request.max_tokens}.", "max_tokens")
-    direction = TRUNCATE[truncate]
+    # Left out, the route's policy decides (`dialects.long_inputs.cohere`: chunk, the whole text read); END/START cut
+    # from that side, NONE refuses.
+    direction = TRUNCATE[truncate] if truncate else "right"
     return EmbedRequest(
         inputs=texts,
         model=request.model,
         # Cohere's embeddings are unit length (and the int8/uint8 ranges are those of unit vectors).
         normalize=True,
         dimensions=dimensions,
-        truncate=direction is not None,
+        long_inputs=("truncate" if direction is not None else "refuse") if truncate else call.long_inputs,
         truncation_direction=direction or "right",
         deadline=call.deadline,
         param="texts",

@@ -98,7 +98,7 @@ def _item(request: pb.GeminiEmbedContentRequest, where: str) -> tuple[str, tuple
 
 
 def _core(texts: list[str], model: str, call: rpc.Call, prompts: tuple[str, ...], rows: list[int], dims: list[int | None]) -> EmbedRequest:
-    return EmbedRequest(inputs=texts, model=model, deadline=call.deadline, param="content",
+    return EmbedRequest(inputs=texts, model=model, deadline=call.deadline, param="content", long_inputs=call.long_inputs,
                         echo={"prompts": prompts, "rows": rows, "dims": dims})
 
 

@@ -119,8 +119,8 @@ def to_core(request: pb.DocumentEmbeddingRequest, call: rpc.Call) -> EmbedReques
     if not text:
         raise errors.invalid_argument(f"Invalid Item: the {request.item_type} has no text to embed", "item", "EMPTY_INPUT")
     want_tokens = _return_sequences(value(request.return_sequences) if request.HasField("return_sequences") else None)
-    # Documents are long; like sentence-transformers, read what fits and cut the rest.
-    return EmbedRequest(inputs=[text], token_embeddings=want_tokens, truncate=True, deadline=call.deadline, param="item")
+    # Documents are long: like sentence-transformers, read what fits and cut the rest (`dialects.long_inputs.hrflow`).
+    return EmbedRequest(inputs=[text], token_embeddings=want_tokens, long_inputs=call.long_inputs, deadline=call.deadline, param="item")
 
 
 def to_body(rows: np.ndarray) -> httpbody_pb2.HttpBody:

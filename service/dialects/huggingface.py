@@ -74,7 +74,8 @@ def to_core(request: pb.FeatureExtractionRequest, call: rpc.Call) -> EmbedReques
         inputs=strings(request.inputs if request.HasField("inputs") else None, "inputs", call.max_inputs),
         model=request.model,
         normalize=_bool(opts, "normalize", True),
-        truncate=_bool(opts, "truncate", False),
+        # TEI's switch: true cuts, false refuses; left out, the route's policy (`dialects.long_inputs`, refuse).
+        long_inputs=("truncate" if _bool(opts, "truncate", False) else "refuse") if opts.get("truncate") is not None else call.long_inputs,
         truncation_direction=direction.lower(),
         prompt_name=prompt_name,
         use_cache=flag(headers.get("x-use-cache")) is not False,

@@ -8,6 +8,7 @@ import numpy as np
 from ai.inworld.embedding.v1alpha import embedding_service_pb2 as pb
 
 from .. import auth, errors, rpc
+from ..engine import tokenization
 from ..engine.pipeline import EmbedRequest, Embedder
 from . import Dialect
 from .common import add_servicer
@@ -34,6 +35,8 @@ def to_core(request: pb.EmbedRequest, call: rpc.Call) -> EmbedRequest:
         model=request.model.model,
         deadline=call.deadline,
         param="inputs",
+        # sentence-transformers' behaviour by default (truncate); `dialects.long_inputs.inworld` may say chunk.
+        long_inputs=call.long_inputs,
         # SERVICE_PROVIDER_OPENAI: forwarded to the provider named `openai` (FAILED_PRECONDITION if there is none).
         provider="openai" if provider == pb.SERVICE_PROVIDER_OPENAI else None,
         echo={"provider": provider},
@@ -45,6 +48,14 @@ def to_response(vectors: np.ndarray, model: str, tokens: int, provider: int) -> 
     response = pb.EmbedResponse(usage=pb.EmbedResponse.Usage(token_count=tokens, model=pb.ModelId(model=model, service_provider=served_by)))
     for vector in vectors:
         response.embeddings.add().values.extend(vector.tolist())
+    return response
+
+
+def to_tokenize_response(ids: list[list[int]], truncated: list[bool], model: str) -> pb.TokenizeResponse:
+    response = pb.TokenizeResponse(usage=pb.EmbedResponse.Usage(token_count=sum(len(x) for x in ids),
+                                                                 model=pb.ModelId(model=model, service_provider=pb.SERVICE_PROVIDER_INWORLD)))
+    for seq, cut in zip(ids, truncated):
+        response.tokens.add(token_ids=seq, token_count=len(seq), truncated=cut)
     return response
 
 
@@ -61,6 +72,23 @@ class InworldServicer:
 
         return await rpc.handle(context, DIALECT, work)
 
+    async def Tokenize(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:  # noqa: N802
+        async def work() -> pb.TokenizeResponse:
+            # The body of an Embed request: the same checks, the same model lookup.
+            core = await rpc.parse(raw, pb.TokenizeRequest, to_core, rpc.call(context, self.embedder.limits.max_client_batch_size))
+            if core.provider:
+                raise errors.ServiceError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "Tokenize is not available for SERVICE_PROVIDER_OPENAI: that provider's tokenizer is not on this server.",
+                    reason="TOKENIZER_UNAVAILABLE", param="model.service_provider",
+                )
+            # As Embed reads each text: its default prompt, special tokens, cut to max_seq_length.
+            done = await tokenization.tokenize(self.embedder, core.model, core.inputs, truncate=True, param="inputs", deadline=core.deadline)
+            ids = [e.ids for e in done.encodings]
+            return await rpc.encode(to_tokenize_response, sum(len(x) for x in ids), ids, [e.truncated for e in done.encodings], done.model)
+
+        return await rpc.handle(context, DIALECT, work)
+
 
 DIALECT = Dialect(
     name="inworld",
@@ -70,6 +98,7 @@ DIALECT = Dialect(
     auth=(auth.BASIC, auth.BEARER),
     rest_auth=(auth.BASIC,),
     error_body=None,  # google.rpc.Status JSON, which the transcoder prints
-    doc={"api": "Inworld v1alpha (002)", "routes": "`POST /ml/v1alpha/embedding:embed`, `POST /embeddings/v1alpha/content:embed`",
+    doc={"api": "Inworld v1alpha (002)",
+         "routes": "`POST /ml/v1alpha/embedding:embed`, `POST /embeddings/v1alpha/content:embed`, `POST /ml/v1alpha/embedding:tokenize`",
          "client": "gRPC stubs from `proto/ai/inworld/`, REST", "auth": "`Authorization: Basic base64(key:secret)`"},
 )

@@ -82,7 +82,7 @@ def to_core(request: pb.OllamaEmbedRequest, call: rpc.Call) -> EmbedRequest:
         model=request.model,
         normalize=True,
         # Ollama cuts an over-long input at its end unless told not to.
-        truncate=request.truncate if request.HasField("truncate") else True,
+        long_inputs=("truncate" if request.truncate else "refuse") if request.HasField("truncate") else call.long_inputs,
         truncation_direction="right",
         deadline=call.deadline,
         param="input",

@@ -98,8 +98,8 @@ def to_core(body: httpbody_pb2.HttpBody, call: rpc.Call) -> EmbedRequest:
         inputs=parse_input(data.get("input"), call.max_inputs),
         model=model,
         dimensions=int(dimensions) if dimensions is not None else None,
-        # OpenAI refuses an input over the model's limit; operators may ask to truncate instead.
-        truncate=bool(call.settings.get("auto_truncate")),
+        # OpenAI reads 8,191 tokens: a longer input than the model's is chunked by default (`dialects.long_inputs`).
+        long_inputs="truncate" if call.settings.get("auto_truncate") else call.long_inputs,
         deadline=call.deadline,
         param="input",
         echo={"model": model, "encoding_format": fmt},

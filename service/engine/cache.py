@@ -32,8 +32,8 @@ class EmbeddingCache:
         return len(self._data)
 
     @staticmethod
-    def key(model_id: str, ids: np.ndarray, prompt_length: int) -> tuple:
-        return (model_id, prompt_length, ids.tobytes())
+    def key(model_id: str, ids: np.ndarray | bytes, prompt_length: int) -> tuple:
+        return (model_id, prompt_length, ids if isinstance(ids, bytes) else ids.tobytes())
 
     def get(self, key: tuple) -> np.ndarray | None:
         vec = self._data.get(key)

@@ -24,6 +24,7 @@ from .batcher import Job
 from .cache import EmbeddingCache
 from .models import ModelRegistry, RemoteModel, ServedModel
 from .pooling import l2_normalize
+from . import long_inputs
 from .tokenizer import Tokens
 
 # The name of the credential the current request was authenticated with ('' for an open service), set by the
@@ -39,9 +40,12 @@ class EmbedRequest:
     inputs: list[str] | list[np.ndarray] | list[list[int]]
     # An id or alias; '' is the default model.
     model: str = ""
-    # Cut an over-long input (from `truncation_direction`) instead of refusing it.
+    # Cut an over-long input (from `truncation_direction`) instead of refusing it (the older switch; see long_inputs).
     truncate: bool = True
     truncation_direction: str = "right"
+    # What happens to an input longer than the model reads: refuse | truncate | chunk (see engine/long_inputs.py).
+    # None: `truncate` decides (True: truncate, False: refuse).
+    long_inputs: str | None = None
     # None: as the model was trained (normalized when its folder ends in Normalize).
     normalize: bool | None = None
     # A key of the model's `prompts`; None means the model's default prompt, if it has one.
@@ -81,6 +85,9 @@ class EmbedResult:
     timings: Timings = field(default_factory=Timings)
     # Usage reported by an upstream provider (per-input counts are then unknown, and 0).
     usage_tokens: int | None = None
+    # Inputs that were cut to what the model reads, and inputs embedded as several windows.
+    truncated: int = 0
+    chunked: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -131,14 +138,15 @@ class Embedder:
             raise
         tokenize_seconds = time.perf_counter() - t0
 
-        n = len(tokens)
+        n = len(tokens.groups)
         pooled = np.empty((n, model.dimension), dtype=np.float32)
         keys: list[tuple] | None = None
         missing = list(range(n))
         hits = 0
         use_cache = req.use_cache and self.cache.enabled and not req.token_embeddings
         if use_cache:
-            keys = [EmbeddingCache.key(self._cache_space(model.id), t.ids, t.prompt_length) for t in tokens]
+            plen = tokens.items[0].prompt_length
+            keys = [EmbeddingCache.key(self._cache_space(model.id), key, plen) for key in tokens.keys]
             missing = []
             for i, key in enumerate(keys):
                 vec = self.cache.get(key)
@@ -151,18 +159,23 @@ class Embedder:
         job = None
         token_embeddings = None
         if missing:
-            self._admit(model, sum(len(tokens[i]) for i in missing))
-            job = Job([tokens[i] for i in missing], req.token_embeddings, loop, req.deadline)
+            rows = [j for i in missing for j in tokens.groups[i]]
+            self._admit(model, sum(len(tokens.items[j]) for j in rows))
+            job = Job([tokens.items[j] for j in rows], req.token_embeddings, loop, req.deadline)
             model.batcher.submit(job)
             try:
                 await job.future
             except asyncio.CancelledError:
                 job.cancelled = True  # its inputs still queued are dropped before they are computed
                 raise
-            pooled[missing] = job.pooled
+            # Back from the job's rows to the inputs': an input's windows become one vector.
+            by_item = np.empty((len(tokens.items), model.dimension), dtype=np.float32)
+            by_item[rows] = job.pooled
+            combined = tokens.combine(by_item, missing)
+            pooled[missing] = combined
             if keys is not None:
                 for row, i in enumerate(missing):
-                    self.cache.put(keys[i], job.pooled[row].copy())
+                    self.cache.put(keys[i], combined[row].copy())
             token_embeddings = job.token_embeddings
 
         vectors = self._finish(pooled, req, model)
@@ -173,10 +186,12 @@ class Embedder:
         return EmbedResult(
             model=model.id,
             vectors=vectors,
-            token_counts=[len(t) for t in tokens],
+            token_counts=[tokens.tokens_read(i) for i in range(n)],
             token_embeddings=token_embeddings,
             cache_hits=hits,
             timings=timings,
+            truncated=tokens.truncated,
+            chunked=tokens.chunked,
         )
 
     def _provider_route(self, req: EmbedRequest) -> tuple[object, str]:
@@ -281,6 +296,8 @@ class Embedder:
                     req.param,
                     "INPUT_TOO_LONG",
                 )
+        if req.long_inputs is not None and req.long_inputs not in long_inputs.POLICIES:
+            raise errors.invalid_argument(f"Unknown long-input policy {req.long_inputs!r}.", req.param)
         if req.truncation_direction not in ("right", "left"):
             raise errors.invalid_argument("truncation_direction must be Left or Right.", "truncation_direction")
 
@@ -305,25 +322,45 @@ class Embedder:
             return sum(min(cap, len(t) // 4 + 2) for t in req.inputs)  # type: ignore[arg-type]
         return sum(min(cap, len(t)) for t in req.inputs)
 
-    def _tokenize(self, model: ServedModel, req: EmbedRequest, stop: threading.Event | None = None) -> list[Tokens]:
+    @staticmethod
+    def policy(req: EmbedRequest) -> str:
+        if req.long_inputs is not None:
+            return req.long_inputs
+        return "truncate" if req.truncate else "refuse"
+
+    def _tokenize(self, model: ServedModel, req: EmbedRequest, stop: threading.Event | None = None) -> long_inputs.Tokenized:
+        policy = self.policy(req)
+        limits = self.limits
         if not isinstance(req.inputs[0], str):
-            return model.tokenizer.from_ids(req.inputs, req.truncate, req.truncation_direction, req.param)  # type: ignore[arg-type]
+            return long_inputs.from_ids(model.tokenizer, req.inputs, policy, req.truncation_direction, req.param,  # type: ignore[arg-type]
+                                        limits.max_input_tokens, limits.max_windows_per_request, limits.chunk_overlap_tokens)
         texts: list[str] = req.inputs  # type: ignore[assignment]
         name = req.prompt_name if req.prompt_name is not None else model.default_prompt_name
         prompt = model.prompts.get(name, "") if name else ""
+        prompt_tokens = 0
         if prompt:
             texts = [prompt + t for t in texts]
-        tokens: list[Tokens] = []
+            enc = model.tokenizer.encode_detailed([prompt])[0]
+            lead, trail = long_inputs._specials(enc.special_tokens_mask)
+            prompt_tokens = len(enc.ids) - lead - trail
+        out = long_inputs.Tokenized()
         for start in range(0, len(texts), self.TOKENIZE_CHUNK):
             if stop is not None and stop.is_set():
                 raise asyncio.CancelledError()
             if req.deadline is not None and time.monotonic() > req.deadline:
                 raise errors.ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "The request's deadline passed while it was tokenized.", reason="DEADLINE_EXCEEDED")
-            tokens += model.tokenizer.encode(texts[start : start + self.TOKENIZE_CHUNK], req.truncate, req.truncation_direction, req.param, offset=start)
+            long_inputs.tokenize(model.tokenizer, texts[start : start + self.TOKENIZE_CHUNK], policy, req.truncation_direction, req.param,
+                                 prompt_tokens, limits.max_input_tokens, limits.max_windows_per_request, limits.chunk_overlap_tokens,
+                                 offset=start, tokenized=out)
+        if req.token_embeddings and out.chunked:
+            raise errors.invalid_argument(
+                "Token embeddings can't be returned for an input embedded in several windows: ask for truncation, or send "
+                "inputs within the model's limit.", req.param, "CHUNKING_WITH_TOKEN_EMBEDDINGS",
+            )
         if prompt and not model.include_prompt:
             plen = model.tokenizer.prompt_length(prompt)
-            tokens = [Tokens(t.ids, t.type_ids, plen) for t in tokens]
-        return tokens
+            out.items = [Tokens(t.ids, t.type_ids, plen) for t in out.items]
+        return out
 
     @staticmethod
     def _finish(pooled: np.ndarray, req: EmbedRequest, model: ServedModel) -> np.ndarray:

@@ -89,3 +89,26 @@ class TextTokenizer:
     def prompt_length(self, prompt: str) -> int:
         """Tokens a prompt adds in front (with the leading special token), as sentence-transformers counts them."""
         return len(self._variants["right"].encode(prompt).ids) - 1
+
+    # -- detailed tokenization (Tokenize / decode APIs); the methods above are the embedding path ------------------
+
+    def encode_detailed(self, texts: list[str], add_special_tokens: bool = True, truncate: bool = False, direction: str = "right"):
+        """The tokenizer's full `Encoding`s of `texts` (ids, tokens, character offsets, special-token mask, overflow).
+
+        `truncate`: cut to the model's max_seq_length from `direction`, as the embedding path does (an encoding's
+        `overflowing` is then non-empty when it was cut); otherwise the whole text. Texts are lowercased first where the
+        model's folder says so, as `encode` does: the ids are the ones the model reads.
+        """
+        tok = self._variants[direction if truncate else "none"]
+        if self.lowercase:
+            texts = [t.lower() for t in texts]
+        if len(texts) == 1:
+            return [tok.encode(texts[0], add_special_tokens=add_special_tokens)]
+        return tok.encode_batch(texts, add_special_tokens=add_special_tokens)
+
+    def decode(self, sequences: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
+        """Token ids back to text (ids outside the vocabulary are skipped, as the tokenizer does)."""
+        tok = self._variants["none"]
+        if len(sequences) == 1:
+            return [tok.decode(sequences[0], skip_special_tokens=skip_special_tokens)]
+        return tok.decode_batch(sequences, skip_special_tokens=skip_special_tokens)

@@ -1,0 +1,181 @@
+"""What happens to an input longer than the model reads: one policy, shared by every dialect.
+
+- `refuse`: a 400 that says how long the input is and what the model reads.
+- `truncate`: cut to the model's `max_seq_length` from the request's truncation side (sentence-transformers'
+  behaviour), and counted, so a response can say how many inputs lost text.
+- `chunk`: split into windows of `max_seq_length` tokens (special tokens and the prompt in each), consecutive
+  windows sharing `limits.chunk_overlap_tokens` tokens; every window goes through the batcher like any other input
+  (batched with everyone's work, under the token budget and the fairness rules), and the input's vector is the
+  token-count-weighted mean of its windows' pooled vectors, then the model's normalization. An input that fits in
+  one window is embedded exactly as before.
+
+Caps keep a request's cost bounded whatever the policy: `limits.max_input_tokens` tokens per input and
+`limits.max_windows_per_request` windows per request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .. import errors
+from .tokenizer import TextTokenizer, Tokens
+
+POLICIES = ("refuse", "truncate", "chunk")
+
+
+@dataclass
+class Tokenized:
+    """A request's inputs as the batcher's items: each input is one item, or (chunked) several windows."""
+
+    items: list[Tokens] = field(default_factory=list)
+    # groups[i]: the items of input i, in order.
+    groups: list[list[int]] = field(default_factory=list)
+    # Per input: the identity of what the model reads, for the cache (ids of the whole input).
+    keys: list[bytes] = field(default_factory=list)
+    truncated: int = 0
+    chunked: int = 0
+
+    def add(self, tokens: list[Tokens], key: bytes) -> None:
+        self.groups.append(list(range(len(self.items), len(self.items) + len(tokens))))
+        self.items += tokens
+        self.keys.append(key)
+
+    def tokens_read(self, i: int) -> int:
+        return sum(len(self.items[j]) for j in self.groups[i])
+
+    def combine(self, pooled_items: np.ndarray, rows: list[int] | None = None) -> np.ndarray:
+        """Per input (of `rows`, default all): its item's pooled vector, or its windows' token-weighted mean."""
+        rows = list(range(len(self.groups))) if rows is None else rows
+        out = np.empty((len(rows), pooled_items.shape[1]), dtype=np.float32)
+        for r, i in enumerate(rows):
+            group = self.groups[i]
+            if len(group) == 1:
+                out[r] = pooled_items[group[0]]
+            else:
+                weights = np.array([len(self.items[j]) for j in group], dtype=np.float64)
+                out[r] = (pooled_items[group].astype(np.float64) * weights[:, None]).sum(axis=0) / weights.sum()
+        return out
+
+
+def _specials(mask: list[int]) -> tuple[int, int]:
+    """How many special tokens an encoding starts and ends with ([CLS] … [SEP]: 1 and 1)."""
+    n = len(mask)
+    lead = 0
+    while lead < n and mask[lead]:
+        lead += 1
+    trail = 0
+    while trail < n - lead and mask[n - 1 - trail]:
+        trail += 1
+    return lead, trail
+
+
+def windows(ids: np.ndarray, mask: list[int], max_len: int, prompt_tokens: int, overlap: int) -> list[np.ndarray]:
+    """`ids` (a whole encoding, special tokens included) as windows of at most `max_len` tokens: each window is the
+    leading special tokens, the prompt's tokens, a slice of the content, and the trailing special tokens."""
+    lead, trail = _specials(mask)
+    head = ids[: lead + prompt_tokens]
+    tail = ids[len(ids) - trail :]
+    content = ids[lead + prompt_tokens : len(ids) - trail]
+    room = max_len - len(head) - len(tail)
+    if room < 1:
+        raise errors.invalid_argument("The prompt leaves no room for text in a window of this model.", "prompt_name")
+    step = max(1, room - min(overlap, room - 1))
+    out = []
+    start = 0
+    while True:
+        out.append(np.concatenate([head, content[start : start + room], tail]))
+        if start + room >= len(content):
+            return out
+        start += step
+
+
+def tokenize(
+    tokenizer: TextTokenizer,
+    texts: list[str],
+    policy: str,
+    direction: str,
+    param: str,
+    prompt_tokens: int,
+    max_input_tokens: int,
+    max_windows: int,
+    overlap: int,
+    offset: int = 0,
+    tokenized: Tokenized | None = None,
+) -> Tokenized:
+    """`texts` (prompt already in front) as batcher items under `policy`; adds to `tokenized` when given.
+
+    `prompt_tokens`: how many tokens after the leading special ones are the prompt's (repeated in every window).
+    `offset`: the position of texts[0] in the request, for error messages.
+    """
+    out = tokenized if tokenized is not None else Tokenized()
+    limit = tokenizer.max_seq_length
+    encodings = tokenizer.encode_detailed(texts, truncate=policy == "truncate", direction=direction)
+    for i, enc in enumerate(encodings):
+        ids = np.asarray(enc.ids, dtype=np.int64)
+        if policy == "truncate":
+            if enc.overflowing:
+                out.truncated += 1
+            out.add([Tokens(ids, np.asarray(enc.type_ids, dtype=np.int64))], ids.tobytes())
+            continue
+        _place(out, ids, np.asarray(enc.type_ids, dtype=np.int64), enc.special_tokens_mask, policy, limit, param, offset + i,
+               prompt_tokens, max_input_tokens, max_windows, overlap)
+    return out
+
+
+def from_ids(
+    tokenizer: TextTokenizer,
+    sequences: list,
+    policy: str,
+    direction: str,
+    param: str,
+    max_input_tokens: int,
+    max_windows: int,
+    overlap: int,
+) -> Tokenized:
+    """Token ids a caller sent (used as given: no special tokens are added), under `policy`."""
+    out = Tokenized()
+    limit = tokenizer.max_seq_length
+    for i, seq in enumerate(sequences):
+        ids = np.asarray(seq, dtype=np.int64)
+        if len(ids) == 0:
+            raise errors.invalid_argument(f"Input {i} is an empty list of tokens.", param)
+        if ids.min() < 0 or ids.max() >= tokenizer.vocab_size:
+            raise errors.invalid_argument(f"Input {i} holds a token id outside this model's vocabulary [0, {tokenizer.vocab_size}).", param)
+        if policy == "truncate":
+            if len(ids) > limit:
+                out.truncated += 1
+                ids = ids[-limit:] if direction == "left" else ids[:limit]
+            out.add([Tokens(ids, np.zeros_like(ids))], ids.tobytes())
+            continue
+        _place(out, ids, np.zeros_like(ids), [0] * len(ids), policy, limit, param, i, 0, max_input_tokens, max_windows, overlap)
+    return out
+
+
+def _place(out: Tokenized, ids: np.ndarray, type_ids: np.ndarray, mask: list[int], policy: str, limit: int, param: str,
+           position: int, prompt_tokens: int, max_input_tokens: int, max_windows: int, overlap: int) -> None:
+    """One whole input under `refuse` or `chunk`: as it is when it fits, else refused or cut into windows."""
+    if len(ids) <= limit:
+        out.add([Tokens(ids, type_ids)], ids.tobytes())
+        return
+    if policy == "refuse":
+        raise errors.invalid_argument(
+            f"Input {position} is {len(ids)} tokens long; this model reads at most {limit} tokens. "
+            "Shorten it, or ask for truncation (or chunking, where this API has it).",
+            param,
+            "context_length_exceeded",
+        )
+    if len(ids) > max_input_tokens:
+        raise errors.invalid_argument(
+            f"Input {position} is {len(ids)} tokens long; at most {max_input_tokens} tokens are read per input "
+            "(limits.max_input_tokens).", param, "INPUT_TOO_LONG",
+        )
+    parts = windows(ids, mask, limit, prompt_tokens, overlap)
+    out.chunked += 1
+    out.add([Tokens(w, np.zeros_like(w)) for w in parts], b"chunk:%d:" % overlap + ids.tobytes())
+    if len(out.items) > max_windows:
+        raise errors.invalid_argument(
+            f"This request needs more than {max_windows} windows of {limit} tokens (limits.max_windows_per_request); "
+            "send fewer or shorter inputs per request.", param, "TOO_MANY_WINDOWS",
+        )

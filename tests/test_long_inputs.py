@@ -1,0 +1,145 @@
+"""Long documents (issue 14): never a 400 for an ordinary RAG chunk, never a silent loss.
+
+The chunking is checked against its definition (the token-weighted mean of the windows embedded one by one, in
+fp32, ≤ 1e-5), a one-window input is unchanged, every response says what was truncated or chunked, the caps hold,
+and a real ingestion pipeline (the OpenAI SDK, LangChain's OpenAIEmbeddings) ingests 1,000+-token chunks with
+every request a 200. That chunking helps retrieval is measured in `make bench` (bench/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+
+from service import errors
+from service.config import Config
+from service.engine.cache import EmbeddingCache
+from service.engine.long_inputs import windows
+from service.engine.models import ModelRegistry
+from service.engine.pipeline import EmbedRequest, Embedder
+
+MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+WORDS = ("the river carried silt past towns where bakers argued about bread while engineers measured bridges "
+         "and children counted boats under a pale sky that promised rain by evening").split()
+
+
+def document(n_words: int, seed: int) -> str:
+    rng = np.random.default_rng(seed)
+    words = rng.choice(WORDS, n_words)
+    return " ".join(f"{w}{'.' if i % 13 == 12 else ''}" for i, w in enumerate(words))
+
+
+@pytest.fixture(scope="module")
+def engine():
+    cfg = Config()
+    cfg.models[0].precision = "fp32"
+    cfg.limits.max_windows_per_request = 64
+    cfg.validate()
+    registry = ModelRegistry(cfg.models, cfg.limits)
+    registry.load_now()
+    pool = ThreadPoolExecutor(2)
+    yield Embedder(registry, cfg.limits, EmbeddingCache(0), pool)
+    registry.stop()
+    pool.shutdown()
+
+
+async def test_a_long_input_is_the_weighted_mean_of_its_windows(engine):
+    text = document(700, seed=1)  # ~800 tokens: windows of 256 sharing 32
+    model = await engine.registry.get("")
+    enc = model.tokenizer.encode_detailed([text])[0]
+    ids = np.asarray(enc.ids, dtype=np.int64)
+    parts = windows(ids, enc.special_tokens_mask, 256, 0, engine.limits.chunk_overlap_tokens)
+    assert len(parts) >= 3 and all(len(p) <= 256 for p in parts)
+    assert all(p[0] == ids[0] and p[-1] == ids[-1] for p in parts)  # [CLS] … [SEP] in every window
+    one_by_one = (await engine.embed(EmbedRequest(inputs=[p for p in parts], normalize=False, truncate=False))).vectors
+    lengths = np.array([len(p) for p in parts], dtype=np.float64)
+    want = (one_by_one.astype(np.float64) * lengths[:, None]).sum(axis=0) / lengths.sum()
+    want /= np.linalg.norm(want)
+    got = await engine.embed(EmbedRequest(inputs=[text], long_inputs="chunk"))
+    assert np.abs(got.vectors[0] - want).max() <= 1e-5
+    assert got.chunked == 1 and got.truncated == 0
+    assert got.token_counts == [int(lengths.sum())]  # every token read, the shared ones twice
+
+
+async def test_an_input_of_one_window_is_unchanged(engine, reference):
+    model = await engine.registry.get("")
+    text = document(400, seed=2)
+    enc = model.tokenizer.encode_detailed([text])[0]
+    exact = model.tokenizer.decode([enc.ids[1:255]])[0]  # 254 words' worth: 256 tokens with [CLS] and [SEP]
+    n = len(model.tokenizer.encode_detailed([exact])[0].ids)
+    assert n <= 256
+    got = await engine.embed(EmbedRequest(inputs=[exact], long_inputs="chunk"))
+    assert got.chunked == 0
+    assert np.abs(got.vectors[0] - reference.encode([exact])[0]).max() <= 1e-5
+
+
+async def test_policies_and_caps(engine):
+    text = document(700, seed=3)
+    cut = await engine.embed(EmbedRequest(inputs=[text, "short"], long_inputs="truncate"))
+    assert (cut.truncated, cut.chunked) == (1, 0) and cut.token_counts[0] == 256
+    with pytest.raises(errors.ServiceError) as e:
+        await engine.embed(EmbedRequest(inputs=["short", text], long_inputs="refuse"))
+    assert e.value.reason == "context_length_exceeded" and "Input 1 is" in e.value.message
+    with pytest.raises(errors.ServiceError) as e:
+        await engine.embed(EmbedRequest(inputs=[document(9000, seed=4)], long_inputs="chunk"))
+    assert e.value.reason == "INPUT_TOO_LONG" and "8192" in e.value.message
+    with pytest.raises(errors.ServiceError) as e:  # 30 inputs of 3 windows: past this engine's 64 windows
+        await engine.embed(EmbedRequest(inputs=[document(700, seed=i) for i in range(30)], long_inputs="chunk"))
+    assert e.value.reason == "TOO_MANY_WINDOWS"
+    with pytest.raises(errors.ServiceError) as e:
+        await engine.embed(EmbedRequest(inputs=[text], long_inputs="chunk", token_embeddings=True))
+    assert e.value.reason == "CHUNKING_WITH_TOKEN_EMBEDDINGS"
+    # Token ids (used as given) are chunked too, as plain slices.
+    ids = list(range(1000, 1700))
+    got = await engine.embed(EmbedRequest(inputs=[ids], long_inputs="chunk"))
+    assert got.chunked == 1 and got.token_counts[0] > 700
+
+
+# -- through Envoy, with real ingestion clients ------------------------------------------------------------------
+
+
+def test_responses_say_what_was_truncated_and_chunked(stack):
+    long = document(900, seed=5)
+    r = requests.post(stack.http_url + "/v1/embeddings", json={"input": [long, "short"], "model": MODEL}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert (r.headers["x-chunked-inputs"], r.headers["x-truncated-inputs"]) == ("1", "0")
+    assert r.json()["usage"]["prompt_tokens"] > 900  # every token actually read
+    r = requests.post(stack.http_url + "/ml/v1alpha/embedding:embed", json={"inputs": [{"text": long}]}, timeout=60)
+    assert r.status_code == 200 and (r.headers["x-chunked-inputs"], r.headers["x-truncated-inputs"]) == ("0", "1")
+    assert r.json()["usage"]["tokenCount"] == 256
+    metrics = requests.get(stack.metrics_urls[0], timeout=10).text
+    assert 'embedding_long_inputs_total{action="chunked",model="%s"}' % MODEL in metrics
+    assert 'embedding_long_inputs_total{action="truncated",model="%s"}' % MODEL in metrics
+
+
+def test_the_openai_sdk_and_langchain_ingest_long_chunks(stack):
+    from langchain_openai import OpenAIEmbeddings
+    from openai import OpenAI
+
+    chunks = [document(n, seed=100 + i) for i, n in enumerate([300, 700, 1000, 1200, 1500, 60, 900, 1100])]
+    client = OpenAI(base_url=stack.http_url + "/v1", api_key="unused", max_retries=0)
+    data = client.embeddings.create(model=MODEL, input=chunks).data
+    sdk = np.array([d.embedding for d in data])
+    lc = OpenAIEmbeddings(model=MODEL, base_url=stack.http_url + "/v1", api_key="unused", check_embedding_ctx_length=False,
+                          max_retries=0, chunk_size=3)  # several requests, as an ingestion pipeline sends them
+    docs = np.array(lc.embed_documents(chunks))
+    query = np.array(lc.embed_query(chunks[3]))
+    for vectors in (sdk, docs):
+        assert vectors.shape == (len(chunks), 384) and np.isfinite(vectors).all()
+        assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    assert np.abs(sdk - docs).max() <= 1e-5 and np.abs(query - sdk[3]).max() <= 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_proxy():
+    old = os.environ.get("NO_PROXY")
+    os.environ["NO_PROXY"] = "127.0.0.1,localhost"
+    yield
+    if old is None:
+        os.environ.pop("NO_PROXY", None)
+    else:
+        os.environ["NO_PROXY"] = old
