@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 if TYPE_CHECKING:
     from .dialects import Dialect

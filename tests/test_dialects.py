@@ -22,6 +22,8 @@ from ai.inworld.embedding.v1alpha import embedding_service_pb2_grpc as inworld_g
 from service.dialects.hrflow import item_text
 from tei.v1 import tei_pb2, tei_pb2_grpc
 
+from .helpers import close, post
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 TEXTS = ["Hello Inworld!", "The food was delicious and the waiter...", "Hola, ¿cómo estás hoy?"]
@@ -40,14 +42,6 @@ PROFILE = {
 }
 
 
-def close(a, b, tol=1e-5):
-    a, b = np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    assert np.abs(a - b).max() <= tol, np.abs(a - b).max()
-
-
-def post(stack, path, payload, **kw):
-    return requests.post(stack.http_url + path, json=payload, timeout=60, **kw)
 
 
 def json_error(r, status):

@@ -10,7 +10,6 @@ import time
 
 import numpy as np
 import pytest
-import orjson
 import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -3,7 +3,6 @@ calls /v1/ by default and always `:batchEmbedContents`), plus raw requests to `:
 
 from __future__ import annotations
 
-import json
 
 import grpc
 import numpy as np
@@ -15,34 +14,15 @@ from hypothesis import strategies as st
 from ai.inworld.embedding.v1alpha import embedding_service_pb2 as inworld_pb
 from ai.inworld.embedding.v1alpha import embedding_service_pb2_grpc as inworld_grpc
 
+from .helpers import close, post, unit
+
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 TEXTS = ["Hello Inworld!", "The food was delicious and the waiter...", "Hola, ¿cómo estás hoy?"]
 LONG = " ".join(["embedding"] * 300)  # 302 tokens: over all-MiniLM-L6-v2's 256
 
 
-def close(a, b, tol=1e-5):
-    a, b = np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    assert np.abs(a - b).max() <= tol, np.abs(a - b).max()
 
 
-def unit(v):
-    v = np.asarray(v, dtype=np.float32)
-    return v / np.linalg.norm(v, axis=-1, keepdims=True)
-
-
-def post(stack, path, payload, **kw):
-    return requests.post(stack.http_url + path, json=payload, timeout=60, **kw)
-
-
-def exact_routes_shaped() -> bool:
-    """Whether service/envoy.py matches `^` rest_prefixes as regexes (requested of the lead; until then Envoy's own
-    404/413 replies on `/api/embed`, `/v1/embed` and `/v1/models/...:embedContent` are google.rpc.Status JSON)."""
-    from service.config import Config
-    from service.dialects import enabled
-    from service.envoy import local_reply_config
-
-    return "safe_regex" in json.dumps(local_reply_config(enabled(Config())))
 
 
 def google_error(r, status, code_name):
@@ -185,7 +165,6 @@ def test_envoy_replies_use_googles_shape(stack):
     assert requests.get(f"{stack.http_url}/v1/models/{MODEL}", timeout=10).json()["id"] == MODEL
 
 
-@pytest.mark.skipif(not exact_routes_shaped(), reason="service/envoy.py does not match `^` rest_prefixes yet")
 def test_envoy_replies_on_the_exact_route(stack):
     err = requests.get(f"{stack.http_url}/v1/models/{MODEL}:embedContent", timeout=10).json()["error"]
     assert err["code"] == 404 and err["message"]

@@ -4,13 +4,13 @@ clients), and each API's task (Cohere's `input_type`, Gemini's `taskType`) picks
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import requests
 
 from service.launch import Stack
 
 from .conftest import stack_config
+from .helpers import close
 
 KEY = "sk-ocg-bearer-0123456789"
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -18,11 +18,6 @@ PROMPTS = {"query": "query: ", "document": "passage: ", "classification": "class
 TEXT = "The food was delicious and the waiter..."
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:cohere")
 
-
-def close(a, b, tol=1e-5):
-    a, b = np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    assert np.abs(a - b).max() <= tol, np.abs(a - b).max()
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ from ai.inworld.embedding.v1alpha import embedding_service_pb2_grpc as inworld_g
 from service.launch import Stack
 
 from .conftest import stack_config
+from .helpers import close, post
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -38,14 +39,6 @@ TEI_PROTO_MD5 = "326eefbc192065f08913bdeb56e20891"
 TEI_PYTHON = os.environ.get("TEI_CLIENTS_PYTHON", str(ROOT / ".venv-tei" / "bin" / "python"))
 
 
-def close(a, b, tol=1e-5):
-    a, b = np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    assert np.abs(a - b).max() <= tol, np.abs(a - b).max()
-
-
-def post(stack, path, payload, **kw):
-    return requests.post(stack.http_url + path, json=payload, timeout=60, **kw)
 
 
 def tei_error(r, status, error_type=None):

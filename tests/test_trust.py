@@ -9,7 +9,6 @@ no paths and no other tenant's cache.
 from __future__ import annotations
 
 import base64
-import concurrent.futures as cf
 import os
 import random
 import signal
@@ -18,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import grpc
 import orjson

@@ -17,7 +17,7 @@ from google.protobuf import json_format
 from embedding.dialects.v1 import huggingface_pb2 as pb
 
 from .. import auth, errors, rpc
-from ..engine.pipeline import EmbedRequest, EmbedResult, Embedder
+from ..engine.pipeline import EmbedRequest, Embedder
 from . import Dialect
 from .common import add_servicer, flag, json_body, strings
 

@@ -21,7 +21,7 @@ from embedding.dialects.v1 import openai_pb2 as pb
 
 from .. import auth, errors, rpc
 from ..engine.encoding import base64_float32
-from ..engine.pipeline import EmbedRequest, EmbedResult, Embedder
+from ..engine.pipeline import EmbedRequest, Embedder
 from . import Dialect, enabled, ollama
 from .common import add_servicer, as_message, json_body, json_object, token_array, typed
 

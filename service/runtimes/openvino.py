@@ -26,6 +26,27 @@ from .export import onnx_model
 sys.modules.setdefault("openvino_telemetry", None)
 
 _PRECISION_HINT = {"fp32": "f32", "bf16": "bf16"}
+# int8 dot products without 16-bit saturation: on AVX2 alone, OpenVINO's int8 kernels lose fidelity (bench/INT8.md).
+_INT8_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        return set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
+def _model_path(folder: str, precision: str) -> tuple[str, str]:
+    """(model file, inference precision hint): int8 models keep their float ops in bf16 where the CPU has it."""
+    if precision != "int8":
+        return str(onnx_model(folder)), _PRECISION_HINT[precision]
+    from .int8 import int8_model
+
+    flags = _cpu_flags()
+    if not flags & set(_INT8_FLAGS):
+        raise ValueError(f"the openvino runtime runs int8 only on CPUs with {', '.join(_INT8_FLAGS)} (exact int8 dot products)")
+    return str(int8_model(folder)), "bf16" if flags & {"amx_bf16", "avx512_bf16"} else "f32"
 
 
 class OpenVinoRuntime(Runtime):
@@ -34,15 +55,16 @@ class OpenVinoRuntime(Runtime):
     seq_multiple = 16
 
     def __init__(self, folder: str, precision: str, threads: int, hidden_size: int) -> None:
-        if precision not in _PRECISION_HINT:
-            raise ValueError(f"the openvino runtime runs fp32 or bf16, not {precision}")
+        if precision not in (*_PRECISION_HINT, "int8"):
+            raise ValueError(f"the openvino runtime runs fp32, bf16 or int8, not {precision}")
         import openvino as ov
 
         self.precision = precision
         self.hidden_size = hidden_size
+        path, hint = _model_path(folder, precision)
         core = ov.Core()
-        model = core.read_model(str(onnx_model(folder)))
-        common = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": _PRECISION_HINT[precision]}
+        model = core.read_model(path)
+        common = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": hint}
         self._latency = core.compile_model(model, "CPU", {**common, "PERFORMANCE_HINT": "LATENCY"})
         self._throughput = core.compile_model(model, "CPU", {**common, "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": threads})
         self.streams = max(1, int(self._throughput.get_property("NUM_STREAMS")))
