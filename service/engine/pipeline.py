@@ -130,12 +130,16 @@ class Embedder:
 
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
-        stop = threading.Event()  # set when the caller goes away: the tokenizer thread stops between chunks
-        try:
-            tokens = await loop.run_in_executor(self.executor, self._tokenize, model, req, stop)
-        except asyncio.CancelledError:
-            stop.set()
-            raise
+        if self._small(req):
+            # A few short texts tokenize in tens of microseconds: less than the hop to a tokenizer thread and back.
+            tokens = self._tokenize(model, req)
+        else:
+            stop = threading.Event()  # set when the caller goes away: the tokenizer thread stops between chunks
+            try:
+                tokens = await loop.run_in_executor(self.executor, self._tokenize, model, req, stop)
+            except asyncio.CancelledError:
+                stop.set()
+                raise
         tokenize_seconds = time.perf_counter() - t0
 
         n = len(tokens.groups)
@@ -314,6 +318,13 @@ class Embedder:
 
     # Inputs tokenized per call in the tokenizer thread: between chunks it checks whether anyone still waits.
     TOKENIZE_CHUNK = 128
+    # A request this small is tokenized on the event loop (bounded: ~50 µs), not on the tokenizer pool.
+    INLINE_CHARS, INLINE_INPUTS = 2048, 8
+
+    def _small(self, req: EmbedRequest) -> bool:
+        if len(req.inputs) > self.INLINE_INPUTS:
+            return False
+        return sum(len(x) for x in req.inputs) <= self.INLINE_CHARS
 
     def _estimate_tokens(self, model: ServedModel, req: EmbedRequest) -> int:
         """Tokens a request will queue, before tokenizing it: ~4 characters a token, capped at what the model reads."""
