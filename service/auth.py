@@ -25,6 +25,7 @@ import hashlib
 import hmac
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,16 @@ class Credential:
     name: str
     key_digest: bytes
     secret_digest: bytes | None  # None: the credential is its key alone
+
+    @property
+    def identity(self) -> str:
+        """Who this credential is, for partitioning the cache: from its digests, never its name (names may repeat)."""
+        return hashlib.sha256(self.key_digest + (self.secret_digest or b"")).hexdigest()[:32]
+
+
+# A key shorter than this is refused: it is guessable, and a keys file caught half-written must not make a few first
+# characters of a key a valid key.
+MIN_KEY_CHARS = 16
 
 
 class KeysFileError(ValueError):
@@ -69,21 +80,26 @@ def _parse_keys_file(text: str, path: str) -> list[Credential]:
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("key"), str) or not entry["key"]:
             raise KeysFileError(f"{path}: keys[{i}] needs a non-empty string `key`")
+        if len(entry["key"]) < MIN_KEY_CHARS:
+            raise KeysFileError(f"{path}: keys[{i}].key is shorter than {MIN_KEY_CHARS} characters")
         secret = entry.get("secret")
-        if secret is not None and (not isinstance(secret, (str, int)) or isinstance(secret, bool) or secret == ""):
-            raise KeysFileError(f"{path}: keys[{i}].secret must be a non-empty string when present")
+        if secret is not None and (not isinstance(secret, str) or secret == ""):
+            # YAML reads `secret: 0123` as the number 83: only a string is what the operator wrote.
+            raise KeysFileError(f"{path}: keys[{i}].secret must be a non-empty string when present (quote it)")
         name = entry.get("name")
         creds.append(Credential(str(name) if name else f"key-{i}", _digest(entry["key"]), _digest(str(secret)) if secret is not None else None))
     return creds
 
 
-def _parse_env(value: str) -> list[Credential]:
+def parse_env(value: str) -> list[Credential]:
     creds = []
     for i, item in enumerate(x.strip() for x in value.split(",")):
         if item:
             key, sep, secret = item.partition(":")
             if not key or (sep and not secret):
                 raise KeysFileError(f"${ENV_KEYS}: item {i} must be `key` or `key:secret`, both non-empty")
+            if len(key) < MIN_KEY_CHARS:
+                raise KeysFileError(f"${ENV_KEYS}: item {i}'s key is shorter than {MIN_KEY_CHARS} characters")
             creds.append(Credential(f"env-{i}", _digest(key), _digest(secret) if sep else None))
     return creds
 
@@ -114,18 +130,30 @@ class CredentialStore:
         creds: list[Credential] = []
         raw = b""
         if self.path:
-            try:
-                raw = Path(self.path).read_bytes()
-            except OSError as e:
-                raise KeysFileError(f"{self.path}: cannot be read ({e.strerror})") from None
+            raw = self._read_stable()
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError:
                 raise KeysFileError(f"{self.path}: not UTF-8 text") from None
             creds += _parse_keys_file(text, self.path)
         env_value = self._env.get(ENV_KEYS, "")
-        creds += _parse_env(env_value)
+        creds += parse_env(env_value)
         return creds, hashlib.sha256(raw + b"\0" + env_value.encode()).digest()
+
+    def _read_stable(self) -> bytes:
+        """The keys file's bytes, read until two reads 50 ms apart agree: a file caught mid-write (an editor writing
+        in place) must not make a prefix of a key valid. Blocking: call it off the event loop."""
+        previous = None
+        for _ in range(20):
+            try:
+                raw = Path(self.path).read_bytes()
+            except OSError as e:
+                raise KeysFileError(f"{self.path}: cannot be read ({e.strerror})") from None
+            if raw == previous:
+                return raw
+            previous = raw
+            time.sleep(0.05)
+        raise KeysFileError(f"{self.path}: kept changing while it was read")
 
     def file_fingerprint(self) -> bytes | None:
         """What a reload would read now, as a digest (None if unreadable): lets a watcher skip no-op reloads."""

@@ -107,12 +107,15 @@ class ServerConfig:
     sidecar_admin_url: str = ""
     # Largest gRPC message accepted on the native port (and from Envoy); refused before it is parsed.
     max_message_bytes: int = 16 * 1024 * 1024
-    # Calls and streams the gRPC server serves at once; more are refused (RESOURCE_EXHAUSTED) before they are parsed.
+    # Calls and streams of the dialects' services served at once (counted from their request on; health and reflection
+    # are not counted, so a flood can't starve the probes); more are refused (RESOURCE_EXHAUSTED) before they are parsed.
     max_concurrent_rpcs: int = 1024
     # Health Watch streams open at once; more are refused (RESOURCE_EXHAUSTED).
     max_health_watchers: int = 64
     # Worker processes that parse large request bodies and print large responses, off the event loop (0: inline).
     offload_workers: int = 1
+    # Bytes of large request bodies waiting to be parsed at once; more are refused at once (429), not queued.
+    max_parsing_bytes: int = 64 * 1024 * 1024
     # Serve gRPC server reflection (the API's shape; no data). Open by design when on.
     reflection: bool = True
     # Health also answers per model (`model:<id>`), which tells any caller the model ids. Open by design when on.
@@ -143,6 +146,12 @@ class EnvoyConfig:
     max_request_bytes: int = 8 * 1024 * 1024
     # Largest REST body returned: 2048 vectors of 1024 floats as JSON text is ~45 MB.
     max_response_bytes: int = 64 * 1024 * 1024
+    # Envoy's own memory bound: past 85 % it resets the streams holding the most buffered data, past 95 % it takes no new
+    # request (a flood of large bodies from callers without a key must not run the sidecar out of memory). The pod's
+    # limit for Envoy is above it.
+    max_heap_bytes: int = 384 * 1024 * 1024
+    # Downstream connections Envoy holds at once; more are refused.
+    max_connections: int = 4096
     # Longest a request may take through Envoy (also the gRPC deadline it allows).
     route_timeout_seconds: float = 120.0
 
@@ -166,6 +175,9 @@ class LimitsConfig:
     max_windows_per_request: int = 1024
     # Tokens two consecutive windows of a chunked input share.
     chunk_overlap_tokens: int = 32
+    # Numbers one answer may carry where it grows with the tokens read (token embeddings: tokens × dimension; Tokenize:
+    # five per token); more is refused before the work is done (a 174 KiB request must not build a 147 MB answer).
+    max_output_values: int = 4_194_304
     # Requests being served at once; more are refused at once (RESOURCE_EXHAUSTED / 429 + Retry-After).
     max_concurrent_requests: int = 512
     # Tokens waiting in a model's queue; a request that would pass this is refused at once (429).
@@ -317,7 +329,7 @@ class Config:
             raise ConfigError(f"auth.keys_file: {self.auth.keys_file!r} is not a file")
         if self.server.offload_workers < 0:
             raise ConfigError("server.offload_workers: must be >= 0")
-        for key in ("max_message_bytes", "max_concurrent_rpcs", "max_health_watchers"):
+        for key in ("max_message_bytes", "max_concurrent_rpcs", "max_health_watchers", "max_parsing_bytes"):
             if getattr(self.server, key) < 1:
                 raise ConfigError(f"server.{key}: must be >= 1")
         for key in ("grace_seconds", "drain_delay_seconds"):

@@ -266,7 +266,8 @@ def render(config: Config) -> dict[str, dict[str, Any]]:
                 "ports": [
                     # Named for the mesh's protocol detection (Istio: http*, grpc*).
                     {"name": "http", "port": 80, "targetPort": "http", "appProtocol": "http"},
-                    {"name": "grpc", "port": grpc_port, "targetPort": "grpc", "appProtocol": "grpc"},
+                    # Native gRPC callers use `http` too (Envoy passes h2c through, under its bounds); the server's own
+                    # gRPC port is for the kubelet's probes, not the Service.
                     {"name": "http-metrics", "port": metrics_port, "targetPort": "metrics", "appProtocol": "http"},
                 ],
             },
@@ -294,7 +295,7 @@ def render(config: Config) -> dict[str, dict[str, Any]]:
             "kind": "Secret",
             "metadata": _meta(KEYS_SECRET),
             "type": "Opaque",
-            "stringData": {"keys.yaml": "keys:\n  - name: example\n    key: replace-me\n"},
+            "stringData": {"keys.yaml": "keys:\n  - name: example\n    key: replace-me-with-16-or-more-random-characters\n"},
         },
         "kustomization.yaml": kustomization(),
     }

@@ -31,17 +31,21 @@ ROOT = Path(__file__).resolve().parents[1]
 DESCRIPTOR = ROOT / "gen" / "descriptor.pb"
 
 
-# Written by Envoy on every request it forwards: the address its caller connected from (anything a caller sent
-# under this name is overwritten). An open service (no keys) refuses calls whose downstream is not loopback.
+# Written by Envoy on every request it forwards: the address its caller's connection came from (the direct peer, never
+# what X-Forwarded-For claims; anything a caller sent under this name is overwritten). An open service (no keys) refuses calls whose downstream is not loopback.
 DOWNSTREAM_HEADER = "x-embed-downstream"
 
 
 def keys_configured(config: Config, env: dict[str, str] | None = None) -> bool:
     """Whether the service this renders for will require keys (a keys file, or keys in its environment)."""
-    from .auth import ENV_KEYS
+    from .auth import ENV_KEYS, KeysFileError, parse_env
 
     env = os.environ if env is None else env
-    return bool(config.auth.keys_file or env.get(ENV_KEYS, "").strip())
+    try:  # the server's own reading of $EMBED_API_KEYS: "," is no key at all
+        from_env = bool(parse_env(env.get(ENV_KEYS, "")))
+    except KeysFileError:
+        from_env = False
+    return bool(config.auth.keys_file) or from_env
 
 
 def listen_host(config: Config, env: dict[str, str] | None = None) -> str:
@@ -68,7 +72,10 @@ function envoy_on_request(handle)
       local key = string.match(handle:headers():get(":path") or "", "[?&]key=([^&]*)")
       if key ~= nil and key ~= "" then
         key = string.gsub(key, "%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end)
-        handle:headers():replace("x-goog-api-key", key)
+        -- Only printable ASCII can be a header value; anything else is no key (the server then says which is missing).
+        if string.find(key, "^[%w%-%._~:+/=]+$") then
+          handle:headers():replace("x-goog-api-key", key)
+        end
       end
     end
   end
@@ -161,7 +168,7 @@ def render(config: Config, upstreams: list[tuple[str, int]] | None = None, descr
         "match": {"prefix": "/"},
         "request_headers_to_add": [
             {
-                "header": {"key": DOWNSTREAM_HEADER, "value": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"},
+                "header": {"key": DOWNSTREAM_HEADER, "value": "%DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT%"},
                 "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
             }
         ],
@@ -201,6 +208,8 @@ def render(config: Config, upstreams: list[tuple[str, int]] | None = None, descr
         # HTTP/1.1 for REST clients and h2c for native gRPC callers, on the one port.
         "codec_type": "AUTO",
         "generate_request_id": True,
+        # A caller must send its headers promptly; a stalled body is cut by Envoy's stream idle timeout (5 min).
+        "request_headers_timeout": "10s",
         # A request id from the caller (or the mesh's ingress) is kept, so one id follows the request everywhere.
         "preserve_external_request_id": True,
         "route_config": {
@@ -271,6 +280,7 @@ def render(config: Config, upstreams: list[tuple[str, int]] | None = None, descr
     if env.readiness:
         listeners.append(readiness_listener(host, env.readiness_port, len(upstreams)))
     return {
+        "overload_manager": overload_manager(env.max_heap_bytes, env.max_connections),
         # Never beyond loopback: the admin interface can stop Envoy. Probes use the readiness listener.
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": env.admin_port}}},
         "static_resources": {
@@ -322,6 +332,31 @@ def render(config: Config, upstreams: list[tuple[str, int]] | None = None, descr
                 }
             ],
         },
+    }
+
+
+def overload_manager(max_heap_bytes: int, max_connections: int) -> dict[str, Any]:
+    """Envoy's bounds on itself: its heap (streams that buffer the most are reset first, then new requests wait) and
+    its downstream connections."""
+    heap = "envoy.resource_monitors.fixed_heap"
+    return {
+        "refresh_interval": "0.25s",
+        # Per-stream memory accounts (from 1 MiB), so that the streams holding the most can be found and reset.
+        "buffer_factory_config": {"minimum_account_to_track_power_of_two": 20},
+        "resource_monitors": [
+            {"name": heap, "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.resource_monitors.fixed_heap.v3.FixedHeapConfig",
+                "max_heap_size_bytes": max_heap_bytes}},
+            {"name": "envoy.resource_monitors.global_downstream_max_connections", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
+                "max_active_downstream_connections": max_connections}},
+        ],
+        "actions": [
+            {"name": "envoy.overload_actions.shrink_heap", "triggers": [{"name": heap, "threshold": {"value": 0.9}}]},
+            {"name": "envoy.overload_actions.reset_high_memory_stream",
+             "triggers": [{"name": heap, "scaled": {"scaling_threshold": 0.85, "saturation_threshold": 0.95}}]},
+            {"name": "envoy.overload_actions.stop_accepting_requests", "triggers": [{"name": heap, "threshold": {"value": 0.95}}]},
+        ],
     }
 
 

@@ -51,6 +51,13 @@ HTTP_STATUS = {
     grpc.StatusCode.UNAUTHENTICATED: 401,
 }
 
+MAX_MESSAGE_CHARS = 600
+
+
+def _cap(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 @dataclass
 class ServiceError(Exception):
     """A failure with everything each dialect needs to report it."""
@@ -75,6 +82,14 @@ class ServiceError(Exception):
     dialect: str | None = None
 
     def __post_init__(self) -> None:
+        # A message may quote what the caller sent (a model name, a prompt name, a key); it travels three times as
+        # response metadata (grpc-message, the rich status, the dialect's body), and metadata past Envoy's header limit
+        # broke the HTTP/2 connection every caller shares. Quoted parts are cut here, once for every path.
+        self.message = _cap(self.message, MAX_MESSAGE_CHARS)
+        if self.param is not None:
+            self.param = _cap(self.param, 200)
+        if self.resource is not None:
+            self.resource = (self.resource[0], _cap(self.resource[1], 200))
         super().__init__(self.message)
 
     def __reduce__(self):  # crosses from the offload workers intact (Exception's default pickles only args)
@@ -95,7 +110,7 @@ def invalid_argument(message: str, param: str | None = None, reason: str = "INVA
 def model_not_found(name: str, available: list[str]) -> ServiceError:
     return ServiceError(
         grpc.StatusCode.NOT_FOUND,
-        f"The model `{name}` does not exist. Available models: {', '.join(available)}",
+        f"The model `{_cap(name, 120)}` does not exist. Available models: {', '.join(available)}",
         reason="model_not_found",
         param="model",
         resource=("model", name),

@@ -48,10 +48,11 @@ def is_loopback(address: str) -> bool:
 
 
 class GateInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, state: CallState, store: auth.CredentialStore, allow_open_non_loopback: bool) -> None:
+    def __init__(self, state: CallState, store: auth.CredentialStore, allow_open_non_loopback: bool, max_calls: int = 1 << 30) -> None:
         self.state = state
         self.store = store
         self.allow_open_non_loopback = allow_open_non_loopback
+        self.max_calls = max_calls
 
     async def intercept_service(self, continuation: Continuation, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         dialect = dialect_of(details.method)
@@ -76,9 +77,15 @@ class GateInterceptor(grpc.aio.ServerInterceptor):
                 metrics.observe_request(dialect.name, "", err.code.name, 0.0)
                 return _refuse(err, dialect)
         handler = await continuation(details)
-        return _around(handler, self._enter, self._leave)
+        return _around(handler, self._enter, self._leave, dialect)
 
     def _enter(self) -> None:
+        # Runs once the call's request has arrived (an idle call, headers but no message, holds nothing here).
+        if self.state.inflight >= self.max_calls:
+            raise errors.ServiceError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"The server is serving {self.max_calls} calls; retry shortly.",
+                reason="OVERLOADED", retry_after=1.0,
+            )
         self.state.inflight += 1
 
     def _leave(self) -> None:
@@ -103,8 +110,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             metrics.observe_request(dialect.name, "", err.code.name, 0.0)
             return _refuse(err, dialect)
         handler = await continuation(details)
-        name = cred.name if cred is not None else ""
-        return _around(handler, lambda: caller.set(name), None)
+        identity = cred.identity if cred is not None else ""
+        return _around(handler, lambda: caller.set(identity), None, dialect)
 
 
 def _refuse(err: errors.ServiceError, dialect: Dialect) -> grpc.RpcMethodHandler:
@@ -115,59 +122,51 @@ def _refuse(err: errors.ServiceError, dialect: Dialect) -> grpc.RpcMethodHandler
     return grpc.unary_unary_rpc_method_handler(refuse)
 
 
-def _around(handler: grpc.RpcMethodHandler | None, enter: Callable[[], object], leave: Callable[[], None] | None):
-    """The same handler, with `enter` run in the call's own task before it and `leave` after it."""
+def _around(handler: grpc.RpcMethodHandler | None, enter: Callable[[], object], leave: Callable[[], None] | None,
+            dialect: Dialect | None = None):
+    """The same handler, with `enter` run in the call's own task before it and `leave` after it. A ServiceError from
+    `enter` refuses the call, in the dialect's words."""
     if handler is None:
         return None
-    if handler.unary_unary is not None:
-        inner = handler.unary_unary
 
-        async def unary_unary(request, context):
+    async def begin(context) -> bool:
+        try:
             enter()
+        except errors.ServiceError as err:
+            await context.abort(err.code, err.message, trailing_metadata=errors.trailing_metadata(err, dialect))
+            return False
+        return True
+
+    def end() -> None:
+        if leave is not None:
+            leave()
+
+    if handler.unary_unary is not None or handler.stream_unary is not None:
+        inner = handler.unary_unary or handler.stream_unary
+
+        async def unary_response(request, context):
+            if not await begin(context):
+                return None
             try:
                 return await inner(request, context)
             finally:
-                if leave is not None:
-                    leave()
+                end()
 
-        return grpc.unary_unary_rpc_method_handler(unary_unary, handler.request_deserializer, handler.response_serializer)
-    if handler.unary_stream is not None:
-        inner_us = handler.unary_stream
+        make = grpc.unary_unary_rpc_method_handler if handler.unary_unary is not None else grpc.stream_unary_rpc_method_handler
+        return make(unary_response, handler.request_deserializer, handler.response_serializer)
+    inner_stream = handler.unary_stream or handler.stream_stream
 
-        async def unary_stream(request, context):
-            enter()
-            try:
-                async for item in _responses(inner_us(request, context)):
-                    yield item
-            finally:
-                if leave is not None:
-                    leave()
-
-        return grpc.unary_stream_rpc_method_handler(unary_stream, handler.request_deserializer, handler.response_serializer)
-    if handler.stream_stream is not None:
-        inner_ss = handler.stream_stream
-
-        async def stream_stream(requests, context):
-            enter()
-            try:
-                async for item in _responses(inner_ss(requests, context)):
-                    yield item
-            finally:
-                if leave is not None:
-                    leave()
-
-        return grpc.stream_stream_rpc_method_handler(stream_stream, handler.request_deserializer, handler.response_serializer)
-    inner_su = handler.stream_unary
-
-    async def stream_unary(requests, context):
-        enter()
+    async def stream_response(request, context):
+        if not await begin(context):
+            return
         try:
-            return await inner_su(requests, context)
+            async for item in _responses(inner_stream(request, context)):
+                yield item
         finally:
-            if leave is not None:
-                leave()
+            end()
 
-    return grpc.stream_unary_rpc_method_handler(stream_unary, handler.request_deserializer, handler.response_serializer)
+    make = grpc.unary_stream_rpc_method_handler if handler.unary_stream is not None else grpc.stream_stream_rpc_method_handler
+    return make(stream_response, handler.request_deserializer, handler.response_serializer)
 
 
 async def _responses(result):

@@ -86,17 +86,33 @@ def running() -> bool:
 
 
 async def run(fn: Callable[..., T], *args: Any) -> T:
-    """`fn(*args)` in a worker process (module-level `fn`, picklable args); inline when no pool runs."""
+    """`fn(*args)` in a worker process (module-level `fn`, picklable args); inline when no pool runs.
+
+    A worker that dies (killed, out of memory) breaks the pool for everyone waiting on it: the pool is rebuilt once (the
+    first caller to notice does it), and each call that was waiting is tried once more on the new pool; a request that
+    kills its worker again fails alone."""
+    for attempt in (1, 2):
+        pool = _pool
+        if pool is None:
+            return fn(*args)
+        try:
+            return await asyncio.wrap_future(pool.submit(fn, *args))
+        except BrokenProcessPool:
+            _restart(pool)
+            if attempt == 2:
+                break
+    raise errors.ServiceError(
+        grpc.StatusCode.UNAVAILABLE, "The server could not process this request; retry it.", reason="WORKER_FAILED",
+        retry_after=1.0, retry_elsewhere=True,
+    )
+
+
+def _restart(broken: ProcessPoolExecutor) -> None:
+    """Replaces the pool, unless another caller already did (a broken pool is reported to every call it held)."""
     global _pool
-    if _pool is None:
-        return fn(*args)
-    try:
-        return await asyncio.wrap_future(_pool.submit(fn, *args))
-    except BrokenProcessPool:
-        log.error("an offload worker died; restarting the pool")
-        stop()
-        start(_workers)
-        raise errors.ServiceError(
-            grpc.StatusCode.UNAVAILABLE, "The server could not process this request; retry it.", reason="WORKER_FAILED",
-            retry_after=1.0, retry_elsewhere=True,
-        ) from None
+    if _pool is not broken:
+        return
+    log.error("an offload worker died; restarting the pool")
+    _pool = None
+    broken.shutdown(wait=False, cancel_futures=True)
+    start(_workers)

@@ -60,6 +60,12 @@ def _parse(message_type: Any, to_core: Callable[[Any, Call], T], raw: bytes, inf
     return to_core(message, info)
 
 
+# Large bodies waiting for (or in) the offload workers, at most: each is held in memory until it is parsed, so a flood of
+# them is refused at once (429) rather than queued without bound (`server.max_parsing_bytes`, set by the server).
+MAX_PARSING_BYTES = 64 * 1024 * 1024
+_parsing_bytes = 0
+
+
 async def parse(raw: bytes, message_type: Any, to_core: Callable[[Any, Call], T], info: Call) -> T:
     """`to_core(message_type.FromString(raw), info)`: inline for a small body, in an offload worker for a large one.
 
@@ -69,7 +75,14 @@ async def parse(raw: bytes, message_type: Any, to_core: Callable[[Any, Call], T]
     """
     if len(raw) <= offload.INLINE_BYTES:
         return _parse(message_type, to_core, raw, info)
-    return await offload.run(_parse, message_type, to_core, raw, info)
+    global _parsing_bytes
+    if _parsing_bytes + len(raw) > MAX_PARSING_BYTES:
+        raise errors.overloaded(f"The server is parsing {_parsing_bytes} bytes of large requests; retry shortly.", 1.0)
+    _parsing_bytes += len(raw)
+    try:
+        return await offload.run(_parse, message_type, to_core, raw, info)
+    finally:
+        _parsing_bytes -= len(raw)
 
 
 async def encode(fn: Callable[..., T], floats: int, *args: Any) -> T:

@@ -83,7 +83,7 @@ class EmbeddingServer:
             interceptors=[
                 i for i in (
                     tracer,
-                    GateInterceptor(self.calls, self.credentials, config.auth.allow_open_non_loopback),
+                    GateInterceptor(self.calls, self.credentials, config.auth.allow_open_non_loopback, server_cfg.max_concurrent_rpcs),
                     AuthInterceptor(self.credentials),
                 ) if i is not None
             ],
@@ -91,8 +91,13 @@ class EmbeddingServer:
                 ("grpc.max_receive_message_length", server_cfg.max_message_bytes),
                 ("grpc.max_send_message_length", max(server_cfg.max_message_bytes, 64 * 1024 * 1024)),
                 ("grpc.so_reuseport", 0),
+                # Streams one connection may open at once, and how long a connection with no call lives.
+                ("grpc.max_concurrent_streams", 256),
+                ("grpc.max_connection_idle_ms", 300_000),
             ],
-            maximum_concurrent_rpcs=server_cfg.max_concurrent_rpcs,
+            # No `maximum_concurrent_rpcs`: gRPC counts a call from its headers, so callers that open calls and never
+            # send a message would hold every slot, health checks included. The gate counts calls being served instead
+            # (from their message on), for the dialects' services only.
         )
         self.port = 0
         self.metrics_port = 0
@@ -107,6 +112,7 @@ class EmbeddingServer:
     async def start(self) -> int:
         self._loop = asyncio.get_running_loop()
         rpc.LONG_INPUTS.update(self.config.dialects.long_inputs)
+        rpc.MAX_PARSING_BYTES = self.config.server.max_parsing_bytes
         for dialect in self.dialects:  # one servicer per dialect, all over the same embedder
             dialect.add_to_server(self.server, self.embedder, self.config)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -177,7 +183,7 @@ class EmbeddingServer:
             await asyncio.sleep(interval)
             fingerprint = await loop.run_in_executor(None, self.credentials.file_fingerprint)
             if fingerprint is not None and fingerprint != self.credentials.fingerprint:
-                self.reload_credentials()
+                await loop.run_in_executor(None, self.reload_credentials)
                 # A rejected file is not retried until it changes again.
                 self.credentials.fingerprint = fingerprint
 
@@ -215,7 +221,8 @@ class EmbeddingServer:
         would stay on this pod until the drain delay ends and it is refused."""
         url = self.config.server.sidecar_admin_url.rstrip("/") + "/healthcheck/fail"
         try:
-            with urllib.request.urlopen(urllib.request.Request(url, data=b"", method="POST"), timeout=1.0) as r:
+            direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through an HTTP_PROXY
+            with direct.open(urllib.request.Request(url, data=b"", method="POST"), timeout=1.0) as r:
                 log.info("told the Envoy sidecar to drain its connections", extra={"status": r.status})
         except OSError as e:
             log.warning("could not tell the Envoy sidecar to drain", extra={"error": type(e).__name__})
@@ -231,7 +238,7 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, server.reload_credentials)
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.run_in_executor(None, server.reload_credentials))
     # A library that forks (without exec) must not hand its child our signal wakeup fd: a signal to that child would be
     # read here as our own (it was: OpenVINO's telemetry child, SIGTERMed after 3 s, stopped the server).
     os.register_at_fork(after_in_child=lambda: signal.set_wakeup_fd(-1))

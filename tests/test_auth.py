@@ -19,7 +19,7 @@ from service.launch import Stack
 from .conftest import stack_config
 
 BEARER = "sk-test-bearer-0123456789"
-INWORLD_KEY, INWORLD_SECRET = "iw-key-abcdef", "iw-secret-987654"
+INWORLD_KEY, INWORLD_SECRET = "iw-key-abcdef-0123", "iw-secret-987654"
 HRFLOW_KEY = "hf-askw-secret-55555"
 NEW_KEY = "sk-rotated-key-424242"
 SECRETS = [BEARER, INWORLD_SECRET, HRFLOW_KEY, NEW_KEY, base64.b64encode(f"{INWORLD_KEY}:{INWORLD_SECRET}".encode()).decode()]

@@ -193,3 +193,11 @@ def test_fuzz(stack, body, method, version):
         assert all(np.isfinite(np.asarray(e["values"], dtype=np.float64)).all() for e in rows)
     else:
         assert set(out) == {"error"} and {"code", "message", "status"} <= set(out["error"]) and out["error"]["code"] == r.status_code
+
+
+def test_a_batch_of_mixed_tasks_says_what_it_chunked(stack):
+    requests_ = [{"content": {"parts": [{"text": LONG + " tail"}]}, "taskType": "RETRIEVAL_QUERY"},
+                 {"content": {"parts": [{"text": "short"}]}, "taskType": "CLUSTERING"}]
+    r = post(stack, f"/v1beta/models/{MODEL}:batchEmbedContents", {"requests": requests_})
+    assert r.status_code == 200, r.text
+    assert (r.headers["x-chunked-inputs"], r.headers["x-truncated-inputs"]) == ("1", "0")

@@ -143,3 +143,51 @@ def _no_proxy():
         os.environ.pop("NO_PROXY", None)
     else:
         os.environ["NO_PROXY"] = old
+
+
+async def test_token_ids_and_text_of_one_long_input_are_different_inputs():
+    """A text's windows repeat [CLS]/[SEP]; the same ids sent as token ids are cut as plain slices: two vectors, and
+    neither may be served from the other's cache entry."""
+    cfg = Config()
+    cfg.models[0].precision = "fp32"
+    cfg.validate()
+    registry = ModelRegistry(cfg.models, cfg.limits)
+    registry.load_now()
+    pool = ThreadPoolExecutor(2)
+    cached = Embedder(registry, cfg.limits, EmbeddingCache(1 << 24), pool)
+    try:
+        text = document(700, seed=9)
+        model = await cached.registry.get("")
+        ids = list(model.tokenizer.encode_detailed([text])[0].ids)
+        as_ids = await cached.embed(EmbedRequest(inputs=[ids], long_inputs="chunk"))
+        as_text = await cached.embed(EmbedRequest(inputs=[text], long_inputs="chunk"))
+        assert as_text.cache_hits == 0
+        fresh = await Embedder(registry, cfg.limits, EmbeddingCache(0), pool).embed(EmbedRequest(inputs=[text], long_inputs="chunk"))
+        assert np.abs(as_text.vectors - fresh.vectors).max() <= 1e-6
+        assert np.abs(as_ids.vectors - fresh.vectors).max() > 1e-4
+    finally:
+        registry.stop()
+        pool.shutdown()
+
+
+async def test_a_huge_input_is_tokenized_only_as_far_as_it_is_read(engine):
+    """Truncating or refusing reads the first 256 tokens: a 200,000-character input gives exactly the ids of its whole
+    tokenization cut to 256, from a clipped part of it; whitespace that holds no token is tokenized whole."""
+    model = await engine.registry.get("")
+    huge = document(30_000, seed=11)[:199_000]
+    want = model.tokenizer.encode_detailed([huge], truncate=True)[0].ids
+    got = await engine.embed(EmbedRequest(inputs=[huge], long_inputs="truncate"))
+    assert got.truncated == 1 and got.token_counts == [len(want)]
+    from service.engine import long_inputs
+
+    tokenized = long_inputs.tokenize(model.tokenizer, [huge], "truncate", "right", "input", 0, 8192, 1024, 32)
+    assert list(tokenized.items[0].ids) == list(want)
+    spaced = "word " + " " * 150_000 + "end"  # two tokens and a lot of nothing
+    tokenized = long_inputs.tokenize(model.tokenizer, [spaced], "refuse", "right", "input", 0, 8192, 1024, 32)
+    assert len(tokenized.items[0]) == 4
+    with pytest.raises(errors.ServiceError) as e:
+        await engine.embed(EmbedRequest(inputs=[huge], long_inputs="refuse"))
+    assert "at least" in e.value.message and "256 tokens" in e.value.message
+    with pytest.raises(errors.ServiceError) as e:  # chunking: refused by its word count before any tokenizing
+        await engine.embed(EmbedRequest(inputs=[huge], long_inputs="chunk"))
+    assert e.value.reason == "INPUT_TOO_LONG" and "words" in e.value.message

@@ -739,3 +739,37 @@ def test_streams_answer_in_order_and_never_read_far_ahead_of_a_slow_caller():
         assert seen == [i * 10 for i in range(7)]
 
     asyncio.run(main())
+
+
+def test_answers_that_grow_with_tokens_are_refused_before_the_work(stack):
+    """A 174 KiB body asking every token's embedding (or every token's details) would build an answer of hundreds of
+    megabytes: refused at once with TEI's 413, before anything is computed."""
+    many = ["word " * 250] * 128
+    r = requests.post(stack.http_url + "/embed_all", json={"inputs": many, "truncate": True}, timeout=60)
+    assert "max_output_values" in tei_error(r, 413, "Validation")["error"]
+    r = requests.post(stack.http_url + "/tokenize", json={"inputs": ["word " * 39_000] * 30}, timeout=60)
+    assert "max_output_values" in tei_error(r, 413, "Validation")["error"]
+
+
+def test_a_malformed_stream_message_is_the_callers_error(stack):
+    import asyncio
+
+    async def main():
+        from tei.v1 import tei_pb2
+
+        async with grpc.aio.insecure_channel(stack.envoy_target) as ch:
+            stream = ch.stream_stream("/tei.v1.Embed/EmbedStream", request_serializer=lambda b: b, response_deserializer=lambda b: b)
+
+            async def requests_():
+                yield tei_pb2.EmbedRequest(inputs="hello").SerializeToString()
+                yield b"\x0a\xff\xff\xff\xff\x0f"  # a length of 4 GiB, then nothing
+
+            answers = 0
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                async for _ in stream(requests_(), timeout=30):
+                    answers += 1
+            return answers, e.value.code()
+
+    answers, code = asyncio.run(main())
+    assert (answers, code) == (1, grpc.StatusCode.INVALID_ARGUMENT)
+    assert "Backend error" not in stack.logs(tail=20000)

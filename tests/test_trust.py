@@ -9,6 +9,7 @@ no paths and no other tenant's cache.
 from __future__ import annotations
 
 import base64
+import concurrent.futures as cf
 import os
 import random
 import signal
@@ -197,7 +198,7 @@ def test_envoy_listens_on_loopback_for_an_open_service():
     assert envoy.listen_host(cfg, env={}) == "127.0.0.1"
     rendered = envoy.render(cfg)
     assert {ln["address"]["socket_address"]["address"] for ln in rendered["static_resources"]["listeners"]} == {"127.0.0.1"}
-    assert envoy.listen_host(cfg, env={"EMBED_API_KEYS": "k"}) == "0.0.0.0"
+    assert envoy.listen_host(cfg, env={"EMBED_API_KEYS": "sk-a-key-of-16-chars"}) == "0.0.0.0"
     cfg.auth.allow_open_non_loopback = True
     assert envoy.listen_host(cfg, env={}) == "0.0.0.0"
 
@@ -424,3 +425,99 @@ def test_a_failed_upstream_batch_cancels_its_siblings(tmp_path):
             assert len(fake.calls) == 1
     finally:
         fake.server.shutdown()
+
+
+# -- the second hostile review: each of these held a replica (or a tenant's vectors) before its fix ------------------
+
+
+def test_idle_calls_hold_no_slot_and_never_starve_health(tmp_path):
+    """Calls that send headers and never a message (a slowloris) must not fill the server's call limit: health and
+    real calls still answer."""
+    import asyncio
+
+    cfg = stack_config()
+    cfg.server.max_concurrent_rpcs = 4
+    with Stack(cfg.validate(), log_dir=tmp_path) as s:
+
+        async def main():
+            async def never():
+                await asyncio.sleep(3600)
+                yield b""
+
+            chans = [grpc.aio.insecure_channel(s.server_targets[0]) for _ in range(3)]
+            calls = []
+            for i in range(12):
+                method = chans[i % 3].stream_unary("/ai.inworld.embedding.v1alpha.EmbeddingService/Embed",
+                                                   request_serializer=lambda b: b, response_deserializer=lambda b: b)
+                calls.append(method(never()))
+            await asyncio.sleep(1.0)
+            async with grpc.aio.insecure_channel(s.server_targets[0]) as ch:
+                health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                embedded = await pb_grpc.EmbeddingServiceStub(ch).Embed(pb.EmbedRequest(inputs=[pb.EmbedRequest.Input(text="hi")]), timeout=10)
+            for c in calls:
+                c.cancel()
+            for c in chans:
+                await c.close()
+            return health.status, len(embedded.embeddings)
+
+        assert asyncio.run(main()) == (health_pb2.HealthCheckResponse.SERVING, 1)
+        assert requests.get(s.ready_url, timeout=5).status_code == 200
+
+
+def test_a_huge_name_in_an_error_breaks_nobody_elses_request(stack):
+    name = "m" * 30_000
+    with cf.ThreadPoolExecutor(8) as pool:
+        poisoned = [pool.submit(requests.post, stack.http_url + "/v1/embeddings", json={"input": "x", "model": name}, timeout=60) for _ in range(6)]
+        innocent = [pool.submit(canary, stack) for _ in range(20)]
+        for f in poisoned:
+            r = f.result()
+            assert r.status_code == 404 and len(r.text) < 2000, (r.status_code, len(r.text))
+        for f in innocent:
+            f.result()  # canary() asserts its 200
+
+
+def test_an_open_server_ignores_x_forwarded_for(stack):
+    """Envoy passes the direct peer's address, never what a caller claims in X-Forwarded-For."""
+    r = requests.post(stack.http_url + "/v1/embeddings", json={"input": "hi", "model": MODEL},
+                      headers={"X-Forwarded-For": "203.0.113.9"}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert not envoy.keys_configured(stack_config(), env={"EMBED_API_KEYS": ","})  # as the server reads it: no key
+
+
+def test_keys_files_are_read_as_written(tmp_path):
+    from service import auth
+
+    path = tmp_path / "keys.yaml"
+    path.write_text("keys:\n  - {name: prod, key: sk-p}\n")  # the first characters of a key, as a file caught mid-write
+    with pytest.raises(auth.KeysFileError) as e:
+        auth.CredentialStore(str(path), env={})
+    assert "shorter than 16" in str(e.value) and "sk-p" not in str(e.value)
+    path.write_text("keys:\n  - {name: a, key: sk-numeric-secret-01, secret: 0123}\n")  # YAML reads 83
+    with pytest.raises(auth.KeysFileError) as e:
+        auth.CredentialStore(str(path), env={})
+    assert "quote it" in str(e.value)
+    path.write_text("keys:\n  - {name: same, key: sk-tenant-one-000001}\n  - {name: same, key: sk-tenant-two-000002}\n")
+    store = auth.CredentialStore(str(path), env={})
+    one, two = store.match([("sk-tenant-one-000001", None)]), store.match([("sk-tenant-two-000002", None)])
+    assert one.name == two.name and one.identity != two.identity  # the cache is partitioned by identity, not name
+
+
+def test_a_dead_offload_worker_fails_only_its_own_request():
+    import asyncio
+    import os as _os
+
+    from service import errors as service_errors
+    from service import offload
+
+    async def main():
+        offload.start(1)
+        try:
+            with pytest.raises(service_errors.ServiceError) as e:
+                await offload.run(_os._exit, 1)  # kills its worker, on the pool and again on the new one
+            assert e.value.code == grpc.StatusCode.UNAVAILABLE
+            results = await asyncio.gather(*(offload.run(pow, 2, i) for i in range(6)))
+            assert results == [2**i for i in range(6)]
+        finally:
+            offload.stop()
+
+    asyncio.run(main())

@@ -67,7 +67,13 @@ class HttpClient:
 
     async def request(self, path: str, body: dict | bytes, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
         """POSTs `body` (a dict as JSON, or bytes as they are); returns the status and the body."""
+        status, payload, _ = await self.request_with_headers(path, body, headers)
+        return status, payload
+
+    async def request_with_headers(self, path: str, body: dict | bytes, headers: dict[str, str] | None = None) -> tuple[int, bytes, dict[str, str]]:
+        """`request`, with the response's headers (lowercased names)."""
         data = body if isinstance(body, bytes) else orjson.dumps(body)
+        got: dict[str, str] = {}
         conn = self._pool.pop() if self._pool else await asyncio.open_connection(self.host, self.port)
         reader, writer = conn
         extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
@@ -84,6 +90,7 @@ class HttpClient:
                 if line in (b"\r\n", b""):
                     break
                 name, _, value = line.partition(b":")
+                got[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
                 if name.lower() == b"content-length":
                     length = int(value)
                 elif name.lower() == b"connection" and b"close" in value.lower():
@@ -96,7 +103,7 @@ class HttpClient:
             writer.close()
         else:
             self._pool.append(conn)
-        return int(status_line.split()[1]), payload
+        return int(status_line.split()[1]), payload, got
 
     async def close(self) -> None:
         for _, writer in self._pool:

@@ -148,7 +148,8 @@ def merge(results: list[EmbedResult], cores: list[EmbedRequest], n: int) -> Embe
             counts[row] = count
     slowest = max(results, key=lambda r: r.timings.total)
     return EmbedResult(model=results[0].model, vectors=vectors, token_counts=counts, cache_hits=sum(r.cache_hits for r in results),
-                       timings=replace(slowest.timings))
+                       timings=replace(slowest.timings), truncated=sum(r.truncated for r in results),
+                       chunked=sum(r.chunked for r in results))
 
 
 class GeminiServicer:

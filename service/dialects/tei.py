@@ -29,6 +29,7 @@ import time
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import grpc
+from google.protobuf.message import DecodeError
 import numpy as np
 from google.api import httpbody_pb2
 from google.protobuf import struct_pb2
@@ -571,6 +572,9 @@ async def in_order(requests: AsyncIterator[Any], run: Callable[[list[Any]], Awai
         try:
             async for message in requests:
                 await inbox.put(message)
+        except DecodeError:  # a message that is not the method's request: the caller's fault, not the backend's
+            await inbox.put(errors.invalid_argument("A message of the stream could not be parsed.", None, "MALFORMED_REQUEST"))
+            return
         except Exception as exc:  # noqa: BLE001 - a broken request stream ends the responses with its error
             await inbox.put(exc)
             return

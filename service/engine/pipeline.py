@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import threading
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -130,16 +129,7 @@ class Embedder:
 
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
-        if self._small(req):
-            # A few short texts tokenize in tens of microseconds: less than the hop to a tokenizer thread and back.
-            tokens = self._tokenize(model, req)
-        else:
-            stop = threading.Event()  # set when the caller goes away: the tokenizer thread stops between chunks
-            try:
-                tokens = await loop.run_in_executor(self.executor, self._tokenize, model, req, stop)
-            except asyncio.CancelledError:
-                stop.set()
-                raise
+        tokens = await self._tokenize(model, req)
         tokenize_seconds = time.perf_counter() - t0
 
         n = len(tokens.groups)
@@ -317,7 +307,7 @@ class Embedder:
             )
 
     # Inputs tokenized per call in the tokenizer thread: between chunks it checks whether anyone still waits.
-    TOKENIZE_CHUNK = 128
+    TOKENIZE_CHUNK = 32
     # A request this small is tokenized on the event loop (bounded: ~50 µs), not on the tokenizer pool.
     INLINE_CHARS, INLINE_INPUTS = 2048, 8
 
@@ -339,13 +329,19 @@ class Embedder:
             return req.long_inputs
         return "truncate" if req.truncate else "refuse"
 
-    def _tokenize(self, model: ServedModel, req: EmbedRequest, stop: threading.Event | None = None) -> long_inputs.Tokenized:
+    async def _tokenize(self, model: ServedModel, req: EmbedRequest) -> long_inputs.Tokenized:
+        """The request's inputs as batcher items. A small request is tokenized here, on the event loop (tens of
+        microseconds: less than a hop to a thread); a large one in chunks of `TOKENIZE_CHUNK` inputs, each its own task
+        on the tokenizer pool, so that other requests' chunks take turns with it, and a caller that went away or a
+        deadline that passed stops it between chunks."""
         policy = self.policy(req)
         limits = self.limits
         if not isinstance(req.inputs[0], str):
             return long_inputs.from_ids(model.tokenizer, req.inputs, policy, req.truncation_direction, req.param,  # type: ignore[arg-type]
                                         limits.max_input_tokens, limits.max_windows_per_request, limits.chunk_overlap_tokens)
         texts: list[str] = req.inputs  # type: ignore[assignment]
+        if policy == "chunk":
+            long_inputs.check_words(texts, model.tokenizer.max_seq_length, limits.max_input_tokens, limits.max_windows_per_request, req.param)
         name = req.prompt_name if req.prompt_name is not None else model.default_prompt_name
         prompt = model.prompts.get(name, "") if name else ""
         prompt_tokens = 0
@@ -355,14 +351,29 @@ class Embedder:
             lead, trail = long_inputs._specials(enc.special_tokens_mask)
             prompt_tokens = len(enc.ids) - lead - trail
         out = long_inputs.Tokenized()
-        for start in range(0, len(texts), self.TOKENIZE_CHUNK):
-            if stop is not None and stop.is_set():
-                raise asyncio.CancelledError()
-            if req.deadline is not None and time.monotonic() > req.deadline:
-                raise errors.ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "The request's deadline passed while it was tokenized.", reason="DEADLINE_EXCEEDED")
+
+        def chunk(start: int) -> None:
             long_inputs.tokenize(model.tokenizer, texts[start : start + self.TOKENIZE_CHUNK], policy, req.truncation_direction, req.param,
                                  prompt_tokens, limits.max_input_tokens, limits.max_windows_per_request, limits.chunk_overlap_tokens,
                                  offset=start, tokenized=out)
+
+        if self._small(req):
+            chunk(0)
+        else:
+            loop = asyncio.get_running_loop()
+            for start in range(0, len(texts), self.TOKENIZE_CHUNK):
+                if req.deadline is not None and time.monotonic() > req.deadline:
+                    raise errors.ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "The request's deadline passed while it was tokenized.",
+                                              reason="DEADLINE_EXCEEDED")
+                await loop.run_in_executor(self.executor, chunk, start)
+        if req.token_embeddings:
+            values = sum(len(t) for t in out.items) * model.runtime.hidden_size
+            if values > limits.max_output_values:
+                raise errors.invalid_argument(
+                    f"Token embeddings of {sum(len(t) for t in out.items)} tokens would be {values} numbers; at most "
+                    f"{limits.max_output_values} are returned (limits.max_output_values): send fewer or shorter inputs.",
+                    req.param, "RESPONSE_TOO_LARGE",
+                )
         if req.token_embeddings and out.chunked:
             raise errors.invalid_argument(
                 "Token embeddings can't be returned for an input embedded in several windows: ask for truncation, or send "

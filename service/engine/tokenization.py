@@ -105,6 +105,10 @@ async def tokenize(
             )
     if direction not in ("right", "left"):
         raise errors.invalid_argument("truncation_direction must be Left or Right.", "truncation_direction")
+    # Every word is at least one token, and every token five numbers of the answer: refuse before tokenizing.
+    budget = embedder.limits.max_output_values // FIELDS_PER_TOKEN
+    if sum(len(t.split()) for t in texts) > budget:
+        raise _too_large(budget, param)
     if deadline is None:
         deadline = time.monotonic() + embedder.limits.request_timeout_seconds
     model = await served_model(embedder, model_name, deadline)
@@ -119,7 +123,19 @@ async def tokenize(
     except asyncio.CancelledError:
         stop.set()
         raise
+    if sum(len(e.ids) for e in encodings) > budget:
+        raise _too_large(budget, param)
     return Tokenized(model.id, encodings, time.perf_counter() - started)
+
+
+FIELDS_PER_TOKEN = 5  # id, text, special, start, stop
+
+
+def _too_large(budget: int, param: str) -> errors.ServiceError:
+    return errors.invalid_argument(
+        f"This would tokenize to more than {budget} tokens; at most that many are answered (limits.max_output_values): send "
+        "fewer or shorter inputs.", param, "RESPONSE_TOO_LARGE",
+    )
 
 
 def _encode(model: ServedModel, texts: list[str], prompt: str, add_special_tokens: bool, truncate: bool, direction: str,
