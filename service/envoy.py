@@ -202,6 +202,15 @@ def render(config: Config, upstreams: list[tuple[str, int]] | None = None, descr
             "envoy.filters.http.buffer": {"@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.BufferPerRoute", "disabled": True}
         },
     }
+    # A streaming RPC (TEI's EmbedStream and its kin) lives as long as its caller has texts: 100,000 of them take
+    # minutes. The route timeout would cut it whole, so a stream has none: it ends when its caller's deadline (the
+    # grpc-timeout header, unmodified) passes or when it is idle for the route timeout. It is never retried: a
+    # stream's messages cannot be replayed.
+    stream_route = copy.deepcopy(grpc_route)
+    stream_route["match"]["safe_regex"] = {"regex": "^/[^/]+/[A-Za-z]+Stream$"}
+    del stream_route["match"]["prefix"]
+    stream_route["route"].pop("retry_policy")
+    stream_route["route"].update(timeout="0s", idle_timeout=timeout, max_stream_duration={"grpc_timeout_header_max": "0s"})
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "embeddings",
@@ -221,7 +230,7 @@ def render(config: Config, upstreams: list[tuple[str, int]] | None = None, descr
                     # After transcoding every path is a gRPC method path: one route serves all.
                     # Native gRPC first: its streams pass through unbuffered (TEI's EmbedStream streams both ways); the
                     # buffer filter's body limit is for REST, and the server bounds gRPC messages itself.
-                    "routes": [grpc_route, rest_route],
+                    "routes": [stream_route, grpc_route, rest_route],
                 }
             ],
         },

@@ -773,3 +773,24 @@ def test_a_malformed_stream_message_is_the_callers_error(stack):
     answers, code = asyncio.run(main())
     assert (answers, code) == (1, grpc.StatusCode.INVALID_ARGUMENT)
     assert "Backend error" not in stack.logs(tail=20000)
+
+
+# -- a stream outlives the route timeout ------------------------------------------------------------------------
+
+
+def test_a_stream_through_envoy_outlives_the_route_timeout(tmp_path):
+    """Bulk ingestion streams for minutes: Envoy's route timeout (2 s here) cuts unary calls, never a live stream."""
+    from tei.v1 import tei_pb2 as pb
+    from tei.v1 import tei_pb2_grpc as pbg
+
+    cfg = stack_config()
+    cfg.envoy.route_timeout_seconds = 2
+    with Stack(cfg.validate(), log_dir=tmp_path) as s, grpc.insecure_channel(s.envoy_target) as ch:
+
+        def slowly():
+            for i in range(8):  # 4 s in all, twice the route timeout
+                yield pb.EmbedRequest(inputs=f"slow stream {i}", normalize=True)
+                threading.Event().wait(0.5)
+
+        answers = list(pbg.EmbedStub(ch).EmbedStream(slowly(), timeout=60))
+        assert len(answers) == 8 and all(len(a.embeddings) == 384 for a in answers)
