@@ -10,6 +10,9 @@ HRFLOW_VENV := .venv-hrflow
 HRFLOW_STAMP := $(HRFLOW_VENV)/.installed
 TEI_VENV := .venv-tei
 TEI_STAMP := $(TEI_VENV)/.installed
+PEERS_FASTEMBED_VENV := .venv-peers-fastembed
+PEERS_INFINITY_VENV := .venv-peers-infinity
+PEERS_STAMPS := $(PEERS_FASTEMBED_VENV)/.installed $(PEERS_INFINITY_VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
@@ -37,6 +40,19 @@ $(TEI_STAMP):
 		llama-index-embeddings-text-embeddings-inference==0.6.0 llama-index-core==0.14.25 numpy==2.4.6
 	@touch $@
 
+# The peers of `make bench PEERS=1` (service/bench/peers.py), each in its own environment, every package pinned.
+$(PEERS_FASTEMBED_VENV)/.installed: service/bench/peers/requirements-fastembed.txt
+	@test -x $(PEERS_FASTEMBED_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_FASTEMBED_VENV)
+	$(PEERS_FASTEMBED_VENV)/bin/python -m pip install --quiet -r $<
+	@touch $@
+
+# Infinity needs torch: the pinned CPU build first, as for .venv.
+$(PEERS_INFINITY_VENV)/.installed: service/bench/peers/requirements-infinity.txt
+	@test -x $(PEERS_INFINITY_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_INFINITY_VENV)
+	$(PEERS_INFINITY_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(PEERS_INFINITY_VENV)/bin/python -m pip install --quiet -r $<
+	@touch $@
+
 # torch first and pinned: that build lies on this machine's disk; anything unpinned pulls a CUDA build.
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,8 +71,8 @@ $(GEN_STAMP): $(STAMP) $(PROTOS)
 	$(PY) -m service.tools.gen_protos
 	@touch $@
 
-bench: $(GEN_STAMP)  ## throughput and latency against the baselines; writes bench/RESULTS.md
-	$(PY) -m service.bench $(ARGS)
+bench: $(GEN_STAMP) $(if $(PEERS),$(PEERS_STAMPS))  ## throughput and latency against the baselines (PEERS=1: and fastembed, Infinity); writes bench/RESULTS.md
+	$(PY) -m service.bench $(if $(PEERS),--peers) $(ARGS)
 
 docs: $(STAMP)  ## regenerate the README's configuration and metrics references
 	$(PY) -m service.tools.docs

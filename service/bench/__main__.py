@@ -4,7 +4,10 @@ Side by side, on one deterministic corpus: the baseline `SentenceTransformer.enc
 runtime mode of the engine (with its fidelity to the fp32 reference), then the default mode served four
 ways — the engine in process, native gRPC, gRPC through Envoy, REST through Envoy (OpenAI route, base64
 as the SDKs ask) — at concurrency 1, 8 and 32 with requests of 1 and 32 texts; and a single short text's
-latency. Prints as it goes (with progress bars) and writes bench/RESULTS.md and bench/throughput.png.
+latency. Then where a new short text's time goes, layer by layer, and 128 one-text clients (service/bench/stages.py);
+one client streaming thousands of texts over TEI's EmbedStream; chunk against truncate on long documents
+(service/bench/long_docs.py); each mode's server RSS in its own process; with --peers, fastembed and Infinity
+(service/bench/peers.py). Prints as it goes (with progress bars) and writes bench/RESULTS.md and bench/throughput.png.
 The embedding cache is off throughout: every text is computed.
 """
 
@@ -29,6 +32,7 @@ import numpy as np  # noqa: E402
 from ..config import Config, ModelConfig, default_model_path  # noqa: E402
 from .clients import HttpClient, Run, drive  # noqa: E402
 from .corpus import make_corpus  # noqa: E402
+from .stages import bulk_stream, engine_latency, forward_only, grpc_latency, rest_latency, short_texts, stage_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 SHORT_TEXT = "What is the capital of France? Paris is."  # 14 tokens with [CLS] and [SEP]
@@ -201,6 +205,31 @@ async def latency(send, count: int = 300) -> tuple[float, float]:
     return float(np.percentile(lat, 50)), float(np.percentile(lat, 99))
 
 
+async def rss_per_mode(cfg: Config, modes, corpus: list[str]) -> list[tuple[str, float, float]]:
+    """(mode, peak RSS of the server process, of it with its offload worker) for a server in each runtime mode,
+    after serving the corpus over native gRPC at 32 × 32: each mode in its own process, as it would run."""
+    from ..launch import Stack
+    from .load import server_pids
+
+    out = []
+    for runtime, precision in modes:
+        scfg = copy.deepcopy(cfg)
+        scfg.server.grpc_port = scfg.server.metrics_port = scfg.envoy.listen_port = scfg.envoy.admin_port = 0
+        scfg.default_model().runtime, scfg.default_model().precision = runtime, precision
+        try:
+            with Stack(scfg) as stack:
+                await grpc_run(stack.server_targets[0], corpus, 32, 32, f"{runtime}/{precision}")
+                pids = server_pids(stack)
+                server = peak_rss_mib(pids[0])
+                total = sum(peak_rss_mib(p) for p in pids)
+        except Exception as e:  # a runtime this machine lacks is reported, not fatal
+            print(f"   {runtime}/{precision}: unavailable ({type(e).__name__}: {e})", flush=True)
+            continue
+        out.append((f"{runtime}/{precision}", server, total))
+        print(f"   {runtime}/{precision}: server peak RSS {server:.0f} MiB, with its offload workers {total:.0f} MiB", flush=True)
+    return out
+
+
 # -- the run ------------------------------------------------------------------------------------
 
 
@@ -275,6 +304,21 @@ async def bench(args) -> int:
         await embedder.embed(EmbedRequest(inputs=texts, use_cache=False))
 
     short = {"engine in process": await latency(engine_send)}
+    # Where a short text's time goes: the same new texts on every layer, from the inside out (service/bench/stages.py).
+    stage_texts = short_texts(corpus, args.stage_texts)
+    served = await registry.get(mcfg.id)
+    stage = {"forward pass (runtime alone)": await forward_only(served, stage_texts),
+             "engine in process": await engine_latency(embedder, stage_texts)}
+    long_docs = None
+    if args.long_docs:
+        print("== long documents: chunk against truncate (in process)", flush=True)
+        from . import long_docs as long_docs_bench
+
+        long_docs = await long_docs_bench.run_all(embedder, Tokenizer.from_file(str(Path(default_model_path()) / "tokenizer.json")))
+        for name, result in long_docs.items():
+            for policy in ("truncate", "chunk"):
+                r = result[policy]
+                print(f"   {name} ({result['documents']} documents), {policy}: right document first {r['top1']:.1%}, MRR {r['mrr']:.3f}, {r['tokens_per_s']:,.0f} tokens/s", flush=True)
     registry.stop()
     pool.shutdown()
 
@@ -300,6 +344,29 @@ async def bench(args) -> int:
         client = HttpClient("127.0.0.1", stack.config.envoy.listen_port, "/v1/embeddings")
         short["REST via Envoy (OpenAI, base64)"] = await latency(lambda t: client.post({"input": t, "model": mcfg.id, "encoding_format": "base64"}))
         await client.close()
+
+        print("== stages: one new short text at a time, each layer", flush=True)
+        stage["native gRPC (direct)"] = await grpc_latency(stack.server_targets[0], stage_texts)
+        stage["gRPC through Envoy"] = await grpc_latency(stack.envoy_target, stage_texts)
+        stage["REST through Envoy"], server_times = await rest_latency(stack.config.envoy.listen_port, mcfg.id, stage_texts)
+        stages = stage_table(stage, server_times)
+        for name, p50, p99, added in stages:
+            print(f"   {name:42} p50 {p50:6.2f} ms  p99 {p99:6.2f} ms" + (f"  ({added:+.2f} ms)" if added == added else ""), flush=True)
+
+        print("== many clients, one text each, through Envoy REST", flush=True)
+        for c in (128,):
+            run = await rest_run(stack.config.envoy.listen_port, corpus, c, 1, f"REST c={c} n=1", mcfg.id)
+            rows.append(summarize("serving", "REST via Envoy (OpenAI, base64)", run, c, 1, len(corpus), tokens, base_tps))
+
+        bulk = None
+        if args.bulk_texts:
+            bulk_corpus = [corpus[i % len(corpus)] for i in range(args.bulk_texts)]  # the corpus again and again (cache off)
+            bulk_tokens = int(np.resize(lengths, args.bulk_texts).sum())
+            print(f"== bulk: {len(bulk_corpus):,} texts over one TEI EmbedStream through Envoy", flush=True)
+            with progress_bar(len(bulk_corpus), "EmbedStream") as bar:
+                secs, answers = await bulk_stream(stack.envoy_target, bulk_corpus, bar=bar)
+            bulk = {"texts": len(bulk_corpus), "answers": answers, "tokens": bulk_tokens, "seconds": secs, "tokens_per_s": bulk_tokens / secs}
+            print(f"   {bulk['tokens_per_s']:,.0f} tokens/s, {answers:,} answers in {secs:.1f} s", flush=True)
         server_rss = peak_rss_mib(server_pid)
 
     for row in rows:
@@ -309,10 +376,22 @@ async def bench(args) -> int:
         print(f"   short text (14 tokens), c=1, {name}: p50 {p50:.2f} ms, p99 {p99:.2f} ms")
     print(f"   server peak RSS under load: {server_rss:.0f} MiB; bench process peak RSS: {peak_rss_mib():.0f} MiB")
 
+    peers = None
+    if args.peers:  # fastembed and Infinity, each in its own venv, on the same corpus (service/bench/peers.py)
+        from .peers import run_peers
+
+        peers = await run_peers(corpus, tokens, reference, base_tps, SHORT_TEXT)
+
+    memory = None
+    if args.memory:
+        print("== memory: a server in each mode, peak RSS after serving the corpus", flush=True)
+        memory = await rss_per_mode(cfg, modes, corpus)
+
     from .report import write_report
 
     write_report(args.out, args.plot, env, corpus_stats=(len(corpus), tokens, lengths), rows=rows, short=short,
-                 server_rss=server_rss, default_mode=default_mode, base_tps=base_tps)
+                 server_rss=server_rss, default_mode=default_mode, base_tps=base_tps, peers=peers,
+                 stages=stages, bulk=bulk, long_docs=long_docs, memory=memory)
     print(f"== wrote {args.out} and {args.plot}")
     return 0
 
@@ -323,6 +402,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", nargs="*", help="runtime modes to compare, e.g. torch/fp32 onnx/fp32 (default: all)")
     p.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"))
     p.add_argument("--plot", default=str(ROOT / "bench" / "throughput.png"))
+    p.add_argument("--stage-texts", type=int, default=200, help="new short texts timed on each layer (the stage table)")
+    p.add_argument("--bulk-texts", type=int, default=100_000, help="texts streamed over one TEI EmbedStream (0: skip)")
+    p.add_argument("--no-long-docs", dest="long_docs", action="store_false", help="skip chunk-against-truncate on long documents")
+    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak RSS of a server in each mode")
+    p.add_argument("--peers", action="store_true", help="also run fastembed and Infinity on the same corpus (make bench PEERS=1)")
     args = p.parse_args(argv)
     from .. import logs
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 
-def write_report(out, plot, env, corpus_stats, rows, short, server_rss, default_mode, base_tps) -> None:
+def write_report(out, plot, env, corpus_stats, rows, short, server_rss, default_mode, base_tps, peers=None,
+                 stages=None, bulk=None, long_docs=None, memory=None) -> None:
     n_texts, tokens, lengths = corpus_stats
     lines = [
         "# Benchmark results",
@@ -60,9 +61,116 @@ def write_report(out, plot, env, corpus_stats, rows, short, server_rss, default_
     lines += ["", "## A single short text (14 tokens), concurrency 1", "", "| path | p50 ms | p99 ms |", "| --- | ---: | ---: |"]
     lines += [f"| {name} | {p50:.2f} | {p99:.2f} |" for name, (p50, p99) in short.items()]
     lines += ["", f"Server peak RSS (VmHWM) after all serving runs: **{server_rss:.0f} MiB**.", ""]
+    if stages:
+        lines += stages_section(stages)
+    lines += many_clients_section(rows)
+    if bulk:
+        lines += bulk_section(bulk, rows)
+    if memory:
+        lines += memory_section(memory)
+    if long_docs:
+        from .long_docs import markdown
+
+        lines += markdown(long_docs)
+    if peers is not None:
+        lines += peers_section(peers, rows, short, base_tps, server_rss, default_mode)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text("\n".join(lines))
     _plot(plot, rows, base_tps)
+
+
+def stages_section(stages) -> list[str]:
+    """Where a new short text's time goes: each layer's p50, and what it adds to the one inside it."""
+    lines = [
+        "## Where a short text's time goes",
+        "",
+        "New (uncached) 10–16-word texts, one at a time, on an idle server; the same texts on every layer, from the inside",
+        "out, so what a layer adds is its p50 less the p50 of the layer inside it. The indented rows are the server's own",
+        "timing headers on the REST path (`x-tokenization-time`, `x-queue-time`, `x-inference-time`, `x-compute-time`).",
+        "",
+        "| layer | p50 ms | p99 ms | adds (p50) ms |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for name, p50, p99, added in stages:
+        lines.append(f"| {name} | {p50:.2f} | {p99:.2f} | {'' if added != added else f'{added:+.2f}'} |")
+    return [*lines, ""]
+
+
+def many_clients_section(rows) -> list[str]:
+    """Many clients sending one text each, against the batched 32 × 32, both through Envoy REST."""
+    rest = {(r.concurrency, r.per_request): r for r in rows if r.group == "serving" and r.name.startswith("REST")}
+    batched = rest.get((32, 32))
+    if not batched:
+        return []
+    lines = ["## Many clients, one text each (REST through Envoy)", "",
+             "| clients | tokens/s | share of 32 × 32 | p50 ms | p99 ms |", "| ---: | ---: | ---: | ---: | ---: |"]
+    for c in (1, 8, 32, 128):
+        r = rest.get((c, 1))
+        if r:
+            lines.append(f"| {c} | {r.tokens_per_s:,.0f} | {r.tokens_per_s / batched.tokens_per_s:.0%} | {r.p50_ms:.1f} | {r.p99_ms:.1f} |")
+    return [*lines, ""]
+
+
+def bulk_section(bulk, rows) -> list[str]:
+    engine = next((r for r in rows if r.group == "serving" and r.name == "engine in process" and (r.concurrency, r.per_request) == (32, 32)), None)
+    share = f", **{bulk['tokens_per_s'] / engine.tokens_per_s:.0%}** of the engine in process at 32 × 32 ({engine.tokens_per_s:,.0f} tokens/s)" if engine else ""
+    return [
+        "## Bulk ingestion: one client, one stream",
+        "",
+        f"{bulk['texts']:,} texts ({bulk['tokens']:,} tokens) streamed over one `tei.v1.Embed/EmbedStream` call through Envoy, one",
+        f"text a message, 512 in flight: {bulk['answers']:,} answers in {bulk['seconds']:.1f} s, **{bulk['tokens_per_s']:,.0f} tokens/s**{share}.",
+        "",
+    ]
+
+
+def memory_section(memory) -> list[str]:
+    lines = ["## Memory: a server in each mode", "",
+             "Peak RSS (VmHWM) of a server started in that mode after serving the corpus over native gRPC at 32 × 32; the",
+             "second column adds its offload worker (parses large bodies off the event loop) and multiprocessing's tracker.", "",
+             "| mode | server MiB | with its workers MiB |", "| --- | ---: | ---: |"]
+    lines += [f"| {mode} | {server:.0f} | {total:.0f} |" for mode, server, total in memory]
+    return [*lines, ""]
+
+
+def peers_section(peers, rows, short, base_tps, server_rss=None, default_mode=None) -> list[str]:
+    """The "Peers" section: fastembed and Infinity (service/bench/peers.py) beside ours, same corpus and run."""
+    mode = f"{default_mode[0]}/{default_mode[1]}" if default_mode else "default mode"
+    lines = [
+        "## Peers (`make bench PEERS=1`)",
+        "",
+        "fastembed and Infinity on the same corpus in the same run, each in its own virtual environment, offline, on the same",
+        "weights (the ONNX-based ones on our ONNX export of them); see service/bench/peers.py. c = concurrent callers, n = texts",
+        "per call. fastembed is a library (one caller, `embed(batch_size=n)`); Infinity in process is `AsyncEmbeddingEngine` with c",
+        "concurrent `embed` calls; Infinity's REST server is driven by the same client as ours, directly (ours goes through Envoy).",
+        "Peak RSS: the peer's process (for REST, its server); for ours, the server after every serving run. Our cosine is the",
+        "default mode's, measured in process above.",
+        "",
+        "| who | path | c | n | tokens/s | × baseline | p50 ms | p99 ms | cosine to fp32: min | mean | peak RSS MiB | errors |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        if r.group == "baseline":
+            lines.append(f"| baseline | {r.name} | 1 | 32 | {r.tokens_per_s:,.0f} | 1.00 | | | 1 | 1 | | |")
+    default = next((r for r in rows if r.group == "runtime" and r.extra.get("default")), None)
+    cos = f"{default.extra['cos_min']:.6f} | {default.extra['cos_mean']:.6f}" if default else " | "
+    for r in rows:
+        if r.group == "serving" and (r.name == "engine in process" or r.name.startswith("REST")) and (r.concurrency, r.per_request) in ((32, 32), (32, 1)):
+            rss = f"{server_rss:.0f}" if server_rss and r.name.startswith("REST") else ""
+            lines.append(f"| **ours** | {r.name}, {mode} | {r.concurrency} | {r.per_request} | {r.tokens_per_s:,.0f} | {r.ratio:.2f} | {r.p50_ms:.0f} | {r.p99_ms:.0f} | {cos} | {rss} | {r.errors} |")
+    for r in peers.rows:
+        cos = f"{r.cos_min:.6f} | {r.cos_mean:.6f}" if r.cos_min is not None else "| "
+        lat = f"{r.p50_ms:.0f} | {r.p99_ms:.0f}" if r.p50_ms else " | "
+        lines.append(f"| {r.peer} | {r.path} | {r.concurrency} | {r.per_request} | {r.tokens_per_s:,.0f} | {r.ratio:.2f} | {lat} | {cos} | {r.rss_mib:.0f} | {r.errors} |")
+    lines += ["", "A single short text (14 tokens), concurrency 1:", "", "| who | path | p50 ms | p99 ms |", "| --- | --- | ---: | ---: |"]
+    lines += [f"| **ours** | {name} | {p50:.2f} | {p99:.2f} |" for name, (p50, p99) in short.items()]
+    for name, (p50, p99) in peers.short.items():
+        who, _, path = name.partition(", ")
+        lines.append(f"| {who} | {path} | {p50:.2f} | {p99:.2f} |")
+    if peers.versions:
+        lines += ["", "Peer versions: " + "; ".join(f"{peer}: " + ", ".join(f"{k} {v}" for k, v in vs.items()) for peer, vs in peers.versions.items()) + "."]
+    if peers.notes:
+        lines += ["", *[f"- {note.splitlines()[0]}" for note in peers.notes]]
+    return lines + [""]
 
 
 def _plot(path, rows, base_tps) -> None:

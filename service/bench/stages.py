@@ -139,7 +139,7 @@ async def one_text_clients(port: int, model: str, texts: list[str], clients: int
     return run.seconds, run.errors, run.latencies
 
 
-async def bulk_stream(target: str, texts: list[str], window: int = 512) -> tuple[float, int]:
+async def bulk_stream(target: str, texts: list[str], window: int = 512, bar=None) -> tuple[float, int]:
     """Streams `texts` over one TEI EmbedStream call (one message each), `window` in flight: (seconds, answers)."""
     import grpc
 
@@ -162,6 +162,8 @@ async def bulk_stream(target: str, texts: list[str], window: int = 512) -> tuple
         async for _ in call:
             answers += 1
             sent.release()
+            if bar is not None:
+                bar.update(1)
         await task
         seconds = time.perf_counter() - t0
     return seconds, answers
