@@ -94,7 +94,18 @@ class Stack:
     # -- lifecycle ------------------------------------------------------------------------------
 
     def start(self, timeout: float = 180.0, progress: Callable[[str], None] | None = None) -> Stack:
-        say = progress or (lambda _msg: None)
+        """Starts the servers and Envoy and waits until they serve; whatever fails on the way (a port, rendering
+        Envoy's configuration, a process that exits) stops what was started, so nothing outlives a failed start."""
+        try:
+            self._spawn()
+            (progress or (lambda _msg: None))("starting the gRPC server and Envoy; the model loads in the background")
+            self.wait_ready(timeout, progress or (lambda _msg: None))
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _spawn(self) -> None:
         env_cfg = self.config.envoy
         if not env_cfg.listen_port:
             env_cfg.listen_port = free_port()
@@ -132,13 +143,6 @@ class Stack:
             stderr=subprocess.STDOUT,
             cwd=ROOT,
         )
-        try:
-            say("starting the gRPC server and Envoy; the model loads in the background")
-            self.wait_ready(timeout, say)
-        except BaseException:
-            self.stop()
-            raise
-        return self
 
     def wait_ready(self, timeout: float, say: Callable[[str], None]) -> None:
         deadline = time.monotonic() + timeout

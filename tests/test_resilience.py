@@ -146,3 +146,26 @@ def test_a_draining_replica_closes_keep_alive_connections(tmp_path):
         r = requests.get(s.ready_url, timeout=5)
         assert r.status_code == 503  # and the replica is out of the Service at once, not after a health check
         conn.close()
+
+
+def test_a_start_that_fails_after_spawning_leaves_no_process(tmp_path, monkeypatch):
+    """A failure between spawning the servers and Envoy being up (here: rendering Envoy's configuration) stops the
+    servers already started; before, they outlived the failed start."""
+    import service.launch as launch
+
+    spawned = []
+    real_popen = launch.subprocess.Popen
+
+    def recording_popen(*args, **kwargs):
+        spawned.append(real_popen(*args, **kwargs))
+        return spawned[-1]
+
+    def broken_render(*_args, **_kwargs):
+        raise ValueError("rendering failed")
+
+    monkeypatch.setattr(launch.subprocess, "Popen", recording_popen)
+    monkeypatch.setattr(launch.envoy, "render", broken_render)
+    with pytest.raises(ValueError, match="rendering failed"):
+        Stack(stack_config().validate(), log_dir=tmp_path).start()
+    assert spawned, "the server was spawned before Envoy's configuration"
+    assert all(p.poll() is not None for p in spawned)
