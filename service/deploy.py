@@ -85,6 +85,9 @@ def provider_secret_key(name: str) -> str:
     return re.sub(r"[^-._a-zA-Z0-9]", "-", name) + "-api-key"
 
 
+KEYS_RELOAD_SECONDS = 2.0
+
+
 def pod_config(config: Config) -> Config:
     """The server's configuration inside the pod: listening on the pod's interfaces, keys from a Secret, a drain
     delay for the endpoint's removal to reach every client, and no secret in clear text (provider keys come
@@ -98,8 +101,11 @@ def pod_config(config: Config) -> Config:
     # On SIGTERM the server fails its sidecar's health checks: Envoy closes keep-alive connections (kube-proxy never
     # moves one), so callers reconnect to another pod before this one stops taking calls.
     cfg.server.sidecar_admin_url = f"http://127.0.0.1:{cfg.envoy.admin_port}"
-    if not cfg.auth.keys_file:
-        cfg.auth.keys_file = f"{CONFIG_DIR}/keys/keys.yaml"
+    # Keys live where the pod mounts its Secret, whatever path the operator's own config names (a path of theirs is
+    # not in the pod: the server would refuse to start), and are watched (a Secret changes in place, with no signal).
+    cfg.auth.keys_file = f"{CONFIG_DIR}/keys/keys.yaml"
+    if cfg.auth.reload_interval_seconds <= 0:
+        cfg.auth.reload_interval_seconds = KEYS_RELOAD_SECONDS
     for p in cfg.providers:
         p.api_key = ""
         p.api_key_env = provider_env_name(p.name)

@@ -264,3 +264,22 @@ def test_pod_envoy_config_is_accepted_by_envoy(rendered, tmp_path):
     (tmp_path / "envoy.yaml").write_text(text)
     r = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(tmp_path / "envoy.yaml")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_pod_reads_its_keys_from_the_mounted_secret_whatever_the_config_says(tmp_path):
+    """An operator's own keys path is not in the pod (the server would refuse to start and the pod crash-loop), and a
+    reload interval of 0 would never see a rotated Secret: the pod's configuration fixes both."""
+    cfg = Config()
+    keys = tmp_path / "my-keys.yaml"
+    keys.write_text("keys:\n  - name: a\n    key: an-operator-key-of-16-chars\n")
+    cfg.auth.keys_file = str(keys)
+    cfg.auth.reload_interval_seconds = 0
+    docs = deploy.render(cfg.validate())
+    pod_cfg = yaml.safe_load(docs["configmap.yaml"]["data"]["config.yaml"])
+    mounts = {m["name"]: m for m in containers(docs)["server"]["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod_spec(docs)["volumes"]}
+    keys_dir = str(Path(pod_cfg["auth"]["keys_file"]).parent)
+    [mount] = [m for m in mounts.values() if m["mountPath"] == keys_dir]
+    assert volumes[mount["name"]]["secret"]["secretName"] == deploy.KEYS_SECRET
+    assert Path(pod_cfg["auth"]["keys_file"]).name in docs["secret.example.yaml"]["stringData"]
+    assert pod_cfg["auth"]["reload_interval_seconds"] > 0

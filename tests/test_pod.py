@@ -138,6 +138,7 @@ def test_the_pod_becomes_ready_rolls_out_without_loss_and_runs_unprivileged(mani
         b = kubelet.run_pod("b")
         report["b_ready_seconds"] = round(kubelet.wait(lambda: ready(b), startup_budget, "pod b to be Ready"), 1)
         # The Deployment controller deletes the old pod as soon as the new one is Ready (maxUnavailable: 0).
+        deleted_wall = time.time()  # the load agent stamps its answers with the wall clock
         a.delete()
         a.wait_terminated(a.grace + 10)
         # Load goes on past the old pod's end, through the new one alone, for a few more requests.
@@ -181,4 +182,7 @@ def test_the_pod_becomes_ready_rolls_out_without_loss_and_runs_unprivileged(mani
     pod_a, pod_b = f"{a.ip}:", f"{b.ip}:"
     served = {ip: sum(n for up, n in load["by_upstream"].items() if up.startswith(ip)) for ip in (pod_a, pod_b)}
     assert served[pod_a] > 0 and served[pod_b] > 0, served
+    # The drain carried traffic: the old pod still answered after its deletion, while its endpoint's removal travelled.
+    last_a = max(t for up, t in load["last_ok"].items() if up.startswith(pod_a))
+    assert last_a > deleted_wall, ("pod a answered nothing after its deletion", last_a - deleted_wall)
     assert report["a_ready_seconds"] <= startup_budget and report["b_ready_seconds"] <= startup_budget

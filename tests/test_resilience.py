@@ -169,3 +169,52 @@ def test_a_start_that_fails_after_spawning_leaves_no_process(tmp_path, monkeypat
         Stack(stack_config().validate(), log_dir=tmp_path).start()
     assert spawned, "the server was spawned before Envoy's configuration"
     assert all(p.poll() is not None for p in spawned)
+
+
+def test_readiness_follows_the_servers_health_not_only_its_drain(tmp_path):
+    """Envoy's readiness listener is 200 only while the local server is SERVING: a server up but without its model
+    (here: a lazy default model, not loaded until asked for) keeps the pod out of the Service; the listener answers
+    nothing but its health path."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    cfg = stack_config()
+    cfg.models[0].load = "lazy"
+    s = Stack(cfg.validate(), log_dir=tmp_path)
+    try:
+        s._spawn()
+        [target] = s.server_targets
+        with grpc.insecure_channel(target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            end = time.monotonic() + 60
+            while True:  # the server answers, NOT_SERVING: its model is not loaded
+                try:
+                    assert health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.NOT_SERVING
+                    break
+                except grpc.RpcError:
+                    assert time.monotonic() < end, s.logs()
+                    time.sleep(0.2)
+            end = time.monotonic() + 30
+            while True:  # Envoy is up (its readiness listener answers)
+                try:
+                    first = requests.get(s.ready_url, timeout=2)
+                    break
+                except requests.ConnectionError:
+                    assert time.monotonic() < end, s.logs()
+                    time.sleep(0.2)
+            statuses = [first.status_code]
+            for _ in range(8):  # several of Envoy's health-check intervals (2 s)
+                time.sleep(0.5)
+                statuses.append(requests.get(s.ready_url, timeout=2).status_code)
+            assert set(statuses) == {503}, statuses
+            base = s.ready_url.rsplit("/", 1)[0]
+            assert requests.get(base + "/stats", timeout=2).status_code == 404
+            assert requests.get(base + "/healthcheck/fail", timeout=2).status_code == 404
+            stub = pb_grpc.EmbeddingServiceStub(channel)  # the first request loads the model
+            stub.Embed(pb.EmbedRequest(inputs=[pb.EmbedRequest.Input(text="wake up")]), timeout=120)
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+        end = time.monotonic() + 15
+        while requests.get(s.ready_url, timeout=2).status_code != 200:
+            assert time.monotonic() < end, "the server is SERVING but Envoy's readiness never turned 200"
+            time.sleep(0.2)
+    finally:
+        s.stop()

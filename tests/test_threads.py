@@ -87,3 +87,20 @@ def test_an_explicit_count_wins(tmp_path):
 
 def test_this_machine_has_a_sane_answer():
     assert 1 <= threads.available_cpus() <= threads.affinity_cpus()
+
+
+def test_the_runtime_gets_the_quota_not_the_nodes_cores(monkeypatch):
+    """The count reaches the forward pass: a pod limited to 1 CPU on a 64-core node compiles one stream of one
+    thread, not 64 (each stream holds its own buffers: 64 of them in a 2 GiB limit)."""
+    import os
+
+    from service.config import LimitsConfig, ModelConfig
+    from service.engine.models import load_model
+
+    monkeypatch.setattr(threads, "cgroup_cpu_quota", lambda *_args: 1.0)
+    monkeypatch.setattr(threads, "_configured", None)
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", str(os.cpu_count())))  # restored after
+    model = load_model(ModelConfig(runtime="openvino", precision="fp32"), LimitsConfig(), inference_threads=0)
+    assert model.runtime.streams == 1
+    assert int(model.runtime._throughput.get_property("INFERENCE_NUM_THREADS")) == 1
+    assert int(model.runtime._latency.get_property("INFERENCE_NUM_THREADS")) == 1
