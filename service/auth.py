@@ -171,6 +171,12 @@ class CredentialStore:
             metrics.CREDENTIAL_RELOADS.labels("invalid").inc()
             log.error("credentials not reloaded; keeping the previous ones", extra={"error": str(e), "credentials": len(self)})
             return False
+        except Exception as e:  # noqa: BLE001 - whatever a hostile file makes the parser raise (a 100,000-deep
+            # nesting is a RecursionError, not a YAMLError): the old keys stay, and the message names no content.
+            metrics.CREDENTIAL_RELOADS.labels("invalid").inc()
+            log.error("credentials not reloaded: the keys file could not be parsed; keeping the previous ones",
+                      extra={"error": type(e).__name__, "file": self.path or None, "credentials": len(self)})
+            return False
         if not creds and self._credentials:
             metrics.CREDENTIAL_RELOADS.labels("empty").inc()
             log.error(
@@ -284,7 +290,15 @@ class HeaderKey(Scheme):
         return _key_and_maybe_secret(value)
 
     def invalid(self, metadata):
-        return (self._invalid or "Incorrect API key provided.").format(key=metadata.get(self.header, "").strip())
+        # HrFlow quotes the key it refused; quoted here masked, and never its secret: an error body ends up in the
+        # caller's logs, and a key sent with a typo in its secret is still a real key.
+        return (self._invalid or "Incorrect API key provided.").format(key=masked(metadata.get(self.header, "")))
+
+
+def masked(sent: str) -> str:
+    """What of a refused credential an error may quote: the key's first 4 characters, the rest starred."""
+    key = sent.strip().partition(":")[0]
+    return (key[:4] if len(key) >= 16 else "") + "****"
 
 
 BEARER = Bearer()

@@ -181,11 +181,14 @@ class EmbeddingServer:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(interval)
-            fingerprint = await loop.run_in_executor(None, self.credentials.file_fingerprint)
-            if fingerprint is not None and fingerprint != self.credentials.fingerprint:
-                await loop.run_in_executor(None, self.reload_credentials)
-                # A rejected file is not retried until it changes again.
-                self.credentials.fingerprint = fingerprint
+            try:
+                fingerprint = await loop.run_in_executor(None, self.credentials.file_fingerprint)
+                if fingerprint is not None and fingerprint != self.credentials.fingerprint:
+                    await loop.run_in_executor(None, self.reload_credentials)
+                    # A rejected file is not retried until it changes again.
+                    self.credentials.fingerprint = fingerprint
+            except Exception as e:  # noqa: BLE001 - a watcher that dies stops rotation and revocation for good
+                log.error("keys watcher: a check failed; watching on", extra={"error": type(e).__name__})
 
     # -- shutdown ---------------------------------------------------------------------------------
 

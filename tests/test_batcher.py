@@ -357,3 +357,32 @@ async def test_a_batcher_thread_that_dies_fails_its_requests_reports_and_restart
         assert down.value.code == grpc.StatusCode.UNAVAILABLE
     finally:
         b.stop(5)
+
+
+async def test_a_thread_that_dies_mid_batch_fails_that_batch_not_to_be_retried_elsewhere(runtime):
+    # The head answers a row too wide once: writing the rows (outside the forward pass's guard) kills the thread
+    # with the batch already off the queue. Its requests must fail at once, and not as "retry on another replica"
+    # (a request that kills a batcher would go on to kill every replica's).
+    failures, calls = [], {"n": 0}
+
+    def head(token_embeddings, mask, prompt_lengths):
+        calls["n"] += 1
+        pooled = first_token_head(token_embeddings, mask, prompt_lengths)
+        return np.concatenate([pooled, pooled], axis=1) if calls["n"] == 1 else pooled
+
+    b = Batcher("mid-batch", runtime, head, 2, 0, max_batch_tokens=64, max_batch_size=8, on_failure=lambda: failures.append(1))
+    b.start()
+    try:
+        loop = asyncio.get_running_loop()
+        poison = Job([tokens(1, 4), tokens(2, 4)], False, loop)
+        b.submit(poison)
+        with pytest.raises(Exception) as e:
+            await asyncio.wait_for(poison.future, 5)  # never hangs
+        assert e.value.code == grpc.StatusCode.INTERNAL and not e.value.retry_elsewhere
+        assert failures == [1]
+        after = Job([tokens(3, 4)], False, loop)  # restarted
+        b.submit(after)
+        await asyncio.wait_for(after.future, 5)
+        assert after.pooled[0, 0] == 3
+    finally:
+        b.stop(5)

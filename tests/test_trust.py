@@ -144,11 +144,15 @@ def wait_for(predicate, timeout: float = 15.0, what: str = "") -> None:
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize("content", ["", "# only comments\n# here\n", "keys: []\n", f"keys: [\n  - {{key: {LEAKY}\n", "keys:\n  - name: x\n"])
+NESTED = "keys: " + "[" * 100_000 + "]" * 100_000 + "\n"  # the YAML parser's RecursionError, not a YAMLError
+INVALID = (f"keys: [\n  - {{key: {LEAKY}\n", "keys:\n  - name: x\n", NESTED)
+
+
+@pytest.mark.parametrize("content", ["", "# only comments\n# here\n", "keys: []\n", *INVALID], ids=lambda c: repr(c[:20]))
 @pytest.mark.parametrize("how", ["sighup", "watcher"])
 def test_a_bad_or_empty_reload_keeps_the_keys(keyed, keys_file, content, how):
     good = keys_file.read_text()
-    result = "invalid" if content.startswith("keys: [\n") or "name: x" in content else "empty"
+    result = "invalid" if content in INVALID else "empty"
     before = metric(keyed, "embedding_credential_reloads_total", f'result="{result}"')
     try:
         keys_file.write_text(content)
@@ -158,9 +162,13 @@ def test_a_bad_or_empty_reload_keeps_the_keys(keyed, keys_file, content, how):
         for route in ("openai", "inworld", "hrflow"):
             assert call(keyed, route, {}).status_code == 401, route
         assert call(keyed, "openai", bearer(ALPHA)).status_code == 200
+        # The watcher outlives a file it rejected: the next good one is picked up without a signal.
+        keys_file.write_text(keys_yaml(f"  - name: rotated\n    key: {ROTATED}\n"))
+        wait_for(lambda: call(keyed, "openai", bearer(ROTATED)).status_code == 200, what="the next good file")
     finally:
         keys_file.write_text(good)
         keyed.stop_server(0, signal.SIGHUP)
+        wait_for(lambda: call(keyed, "openai", bearer(ROTATED)).status_code == 401, what="the restored keys")
     logs = keyed.logs(tail=None)
     assert "keeping the previous ones" in logs
     assert LEAKY not in logs and ALPHA not in logs and BRAVO_SECRET not in logs

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 KEY = "sk-load-test-0001"
 REFERENCE_KEY = "sk-load-reference-0002"  # another tenant: its cache entries are not the load's
-INWORLD_KEY, INWORLD_SECRET = "iw-load-0003", "iw-load-secret"
+INWORLD_KEY, INWORLD_SECRET = "iw-load-key-000003", "iw-load-secret"
 DIALECTS = ["inworld", "openai-base64", "openai-float", "aigne", "huggingface", "hrflow"]
 HOSTILE = ["malformed", "oversized", "nested", "token-flood", "no-key"]
 # bf16 (the default mode) makes a vector depend a little on its batch's padding: a wrong vector is far below this.

@@ -247,6 +247,14 @@ class Batcher:
                     self._cond.notify()
             try:
                 self._execute(batch, alone)
+            except BaseException:
+                # Died in the middle of this batch, outside the forward pass's own guard: its requests were taken off
+                # the queue, so `_recover` cannot see them; fail them here, or they wait for ever. Not to be retried
+                # elsewhere: this batch may hold the request that kills a batcher, and would take every replica down.
+                failure = errors.internal(f"The model {self.name} failed on this request's batch.")
+                for job in {id(e.job): e.job for e in batch}.values():
+                    job.loop.call_soon_threadsafe(job._fail, failure)
+                raise
             finally:
                 with self._cond:
                     self._busy -= 1
