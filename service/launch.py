@@ -168,11 +168,25 @@ class Stack:
             self._check_alive()
             with contextlib.suppress(OSError):
                 with urllib.request.urlopen(self.ready_url, timeout=1) as r:
-                    if r.status == 200:
+                    if r.status == 200 and self._envoy_sees_every_replica_healthy():
                         return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"Envoy not ready after {timeout:.0f}s; see {self.log_dir}/envoy.log")
             time.sleep(0.1)
+
+    def _envoy_sees_every_replica_healthy(self) -> bool:
+        """Envoy's readiness needs one healthy replica; a stack is started when Envoy's own health checks have
+        passed for all of them. Before that a replica that loaded its model more slowly is still out of Envoy's
+        rotation (its first check found it loading), and losing the other one then loses requests. (One replica is
+        routed to even before its check passes: Envoy's panic mode.)"""
+        import urllib.request
+
+        if len(self.server_targets) < 2:
+            return True
+
+        with urllib.request.urlopen(f"{self.admin_url}/clusters", timeout=1) as r:
+            flags = [line for line in r.read().decode().splitlines() if line.startswith("embedding_grpc::") and "::health_flags::" in line]
+        return len(flags) == len(self.server_targets) and all(line.endswith("::healthy") for line in flags)
 
     def _check_alive(self) -> None:
         for p in [*self.servers, self.envoy]:

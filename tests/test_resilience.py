@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import signal
+import threading
 import time
 
 import grpc
@@ -74,6 +75,33 @@ def test_grpc_overload_is_resource_exhausted(tight):
     assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
 
 
+def test_a_request_the_caps_must_refuse_is_a_400_even_when_the_queue_is_full(tight):
+    """A 429 says "retry": a request that can never succeed must not get one because the server happened to be busy."""
+    over_windows = {"input": [[1000 + i] * 600 for i in range(1800)], "model": MODEL}  # > 1,024 windows of 256
+    over_one = {"input": [[2000] * 9000], "model": MODEL}  # > limits.max_input_tokens
+    stop = threading.Event()
+
+    def load(i):  # keeps the small queue holding tokens: a large request admitted on its size would be overload
+        n = 0
+        while not stop.is_set():
+            requests.post(tight.http_url + "/v1/embeddings", json={"input": [f"{LONG} busy {i} {n} {j}" for j in range(4)], "model": MODEL}, timeout=60)
+            n += 1
+
+    with cf.ThreadPoolExecutor(3) as pool:  # 3 of the 6 concurrent calls
+        loaders = [pool.submit(load, i) for i in range(3)]
+        time.sleep(0.5)
+        try:
+            for _ in range(4):
+                for body, code in ((over_windows, "TOO_MANY_WINDOWS"), (over_one, "INPUT_TOO_LONG")):
+                    r = requests.post(tight.http_url + "/v1/embeddings", json=body, timeout=60)
+                    assert r.status_code == 400, (code, r.status_code, r.text[:300])
+                    assert "limits.max_" in r.json()["error"]["message"], r.text[:300]
+        finally:
+            stop.set()
+        for f in loaders:
+            f.result()
+
+
 def test_an_expired_deadline_is_deadline_exceeded_and_others_are_unharmed(tight):
     with grpc.insecure_channel(tight.server_targets[0]) as ch:
         stub = pb_grpc.EmbeddingServiceStub(ch)
@@ -97,27 +125,39 @@ def test_sigterm_drains_in_flight_requests_then_exits(tmp_path):
 
 
 def test_losing_one_of_two_replicas_under_load_loses_no_request(tmp_path):
+    """A replica that dies (SIGKILL, no drain) loses nothing: Envoy retries on the other one every request the dead
+    one had not begun to answer, and keeps the rest off it. What Envoy cannot retry is a response whose headers had
+    left the replica when it died (a few milliseconds of each request): those few are a 503 that the caller's own
+    retry covers, as every SDK retries a 503. So the client here retries a 503 once, as the OpenAI SDK would, and
+    at most the requests in flight at the kill (8 clients) may need it."""
     cfg = stack_config()
     with Stack(cfg, replicas=2, log_dir=tmp_path) as s:
         texts = [f"replica test sentence number {i}" for i in range(24)]
         first = requests.post(s.http_url + "/v1/embeddings", json={"input": texts, "model": MODEL, "encoding_format": "float"}, timeout=60)
         want = {t: np.array(d["embedding"]) for t, d in zip(texts, first.json()["data"])}
+        body = lambda text: {"input": [text, "steady load"], "model": MODEL, "encoding_format": "float"}  # noqa: E731
 
         def one(i):
             text = texts[i % len(texts)]
-            r = requests.post(s.http_url + "/v1/embeddings", json={"input": [text, "steady load"], "model": MODEL, "encoding_format": "float"}, timeout=60)
-            return text, r
+            r = requests.post(s.http_url + "/v1/embeddings", json=body(text), timeout=60)
+            if r.status_code != 503:
+                return text, r, False
+            return text, requests.post(s.http_url + "/v1/embeddings", json=body(text), timeout=60), True
 
-        results = []
         with cf.ThreadPoolExecutor(8) as pool:
             futures = [pool.submit(one, i) for i in range(240)]
             time.sleep(1.0)
             s.stop_server(1, signal.SIGKILL)  # no drain: the replica just dies
             results = [f.result() for f in futures]
-        failures = [(t, r.status_code, r.text[:200]) for t, r in results if r.status_code != 200]
-        assert not failures, failures
-        for text, r in results:  # and nobody got somebody else's vector
-            assert np.abs(np.array(r.json()["data"][0]["embedding"]) - want[text]).max() <= 1e-5
+        retried_by_envoy = sum(int(line.rsplit(" ", 1)[1]) for line in requests.get(s.admin_url + "/stats").text.splitlines()
+                               if line.startswith("cluster.embedding_grpc.upstream_rq_retry:"))
+    failures = [(t, r.status_code, r.text[:200]) for t, r, _ in results if r.status_code != 200]
+    assert not failures, failures
+    retried_by_client = sum(again for _, _, again in results)
+    assert retried_by_client <= 8, retried_by_client
+    assert retried_by_envoy > 0  # the kill did land on requests, and Envoy moved them
+    for text, r, _ in results:  # and nobody got somebody else's vector
+        assert np.abs(np.array(r.json()["data"][0]["embedding"]) - want[text]).max() <= 1e-5
 
 
 def test_a_draining_replica_closes_keep_alive_connections(tmp_path):

@@ -115,6 +115,30 @@ def check_words(texts: list[str], limit: int, max_input_tokens: int, max_windows
         )
 
 
+def check_ids(sequences: list, policy: str, limit: int, max_input_tokens: int, max_windows: int, param: str) -> None:
+    """Refuses, from the lists' lengths alone, token ids that are sure to be refused once converted: the same answer
+    whatever the load, and before admission (a request no queue could ever take must not be told to retry)."""
+    total = 0
+    for i, seq in enumerate(sequences):
+        n = len(seq)
+        if policy == "refuse" and n > limit:
+            raise errors.invalid_argument(
+                f"Input {i} is {n} tokens long; this model reads at most {limit} tokens. "
+                "Shorten it, or ask for truncation (or chunking, where this API has it).", param, "context_length_exceeded",
+            )
+        if policy == "chunk" and n > max_input_tokens:
+            raise errors.invalid_argument(
+                f"Input {i} is {n} tokens long; at most {max_input_tokens} tokens are read per input "
+                "(limits.max_input_tokens).", param, "INPUT_TOO_LONG",
+            )
+        total += n
+    if policy == "chunk" and total > max_windows * limit:
+        raise errors.invalid_argument(
+            f"This request needs more than {max_windows} windows of {limit} tokens (limits.max_windows_per_request); "
+            "send fewer or shorter inputs per request.", param, "TOO_MANY_WINDOWS",
+        )
+
+
 def _clip(text: str, tokens: int, direction: str) -> str:
     """The part of `text` that holds its first (or, from the left, last) `tokens` tokens, with room to spare."""
     room = (tokens + 8) * CHARS_PER_TOKEN

@@ -124,6 +124,7 @@ class Embedder:
         if isinstance(model, RemoteModel):
             return await self._forward(req, model.provider, model.upstream_model, started, label=model.id)
         self._validate_options(req, model)
+        self._refuse_sure_failures(model, req)
         # Refuse a flood before paying to tokenize it (an estimate; the exact count is checked again below).
         self._admit(model, self._estimate_tokens(model, req))
 
@@ -259,6 +260,15 @@ class Embedder:
         who = caller.get() if self.per_credential_cache else ""
         return f"{model}\0{who}" if who else model
 
+    def _refuse_sure_failures(self, model: ServedModel, req: EmbedRequest) -> None:
+        """A request the caps are sure to refuse gets its 400 before admission, from a cheap bound (words, list
+        lengths): the same answer at any load, never a 429 that invites a retry of something that can't succeed."""
+        policy, limits, limit = self.policy(req), self.limits, model.tokenizer.max_seq_length
+        if not isinstance(req.inputs[0], str):
+            long_inputs.check_ids(req.inputs, policy, limit, limits.max_input_tokens, limits.max_windows_per_request, req.param)
+        elif policy == "chunk":
+            long_inputs.check_words(req.inputs, limit, limits.max_input_tokens, limits.max_windows_per_request, req.param)  # type: ignore[arg-type]
+
     def _admit(self, model: ServedModel, new_tokens: int) -> None:
         """Backpressure: refuse at once, rather than queue work the server can't start soon."""
         queued = model.batcher.queued_tokens
@@ -340,8 +350,6 @@ class Embedder:
             return long_inputs.from_ids(model.tokenizer, req.inputs, policy, req.truncation_direction, req.param,  # type: ignore[arg-type]
                                         limits.max_input_tokens, limits.max_windows_per_request, limits.chunk_overlap_tokens)
         texts: list[str] = req.inputs  # type: ignore[assignment]
-        if policy == "chunk":
-            long_inputs.check_words(texts, model.tokenizer.max_seq_length, limits.max_input_tokens, limits.max_windows_per_request, req.param)
         name = req.prompt_name if req.prompt_name is not None else model.default_prompt_name
         prompt = model.prompts.get(name, "") if name else ""
         prompt_tokens = 0
