@@ -114,6 +114,27 @@ def test_responses_say_what_was_truncated_and_chunked(stack):
     metrics = requests.get(stack.metrics_urls[0], timeout=10).text
     assert 'embedding_long_inputs_total{action="chunked",model="%s"}' % MODEL in metrics
     assert 'embedding_long_inputs_total{action="truncated",model="%s"}' % MODEL in metrics
+    # Native gRPC says it in trailers.
+    import grpc
+
+    from ai.inworld.embedding.v1alpha import embedding_service_pb2 as pb
+    from ai.inworld.embedding.v1alpha import embedding_service_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(stack.server_targets[0]) as ch:
+        request = pb.EmbedRequest(inputs=[pb.EmbedRequest.Input(text=long), pb.EmbedRequest.Input(text="short")])
+        _, call = pb_grpc.EmbeddingServiceStub(ch).Embed.with_call(request, timeout=60)
+        trailers = dict(call.trailing_metadata())
+    assert (trailers["x-truncated-inputs"], trailers["x-chunked-inputs"]) == ("1", "0")
+
+
+def test_a_request_past_the_windows_cap_is_refused_in_the_dialects_shape(stack):
+    # 150 inputs of ~2,000 tokens: each under limits.max_input_tokens, together past limits.max_windows_per_request
+    # (1,024 windows of 256): refused before any of it is embedded, in OpenAI's envelope.
+    inputs = [document(1800, seed=i) for i in range(150)]
+    r = requests.post(stack.http_url + "/v1/embeddings", json={"input": inputs, "model": MODEL}, timeout=120)
+    assert r.status_code in (400, 413), r.text[:300]
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and "max_windows_per_request" in error["message"], error
 
 
 def test_the_openai_sdk_and_langchain_ingest_long_chunks(stack):

@@ -655,23 +655,10 @@ def test_tei_huge_arrays_and_huge_numbers_are_a_clear_answer(stack, route, size,
         tei_error(r, r.status_code)
 
 
-# -- once the lead's changes are in (tei_requests.md): /health without a key, and `dialects.model.tei` --------------
+# -- /health without a key, `dialects.model.tei`, and dialects switched off -------------------------------------
 
 
-def _has_knob() -> bool:
-    from service.config import DialectsConfig
-
-    return "model" in DialectsConfig.__dataclass_fields__
-
-
-def _health_is_public() -> bool:
-    from service.dialects import tei
-
-    return bool(getattr(tei.DIALECT, "public_methods", ()))
-
-
-@pytest.mark.skipif(not (_has_knob() and _health_is_public()), reason="needs `dialects.model` and `Dialect.public_methods` (tei_requests.md)")
-def test_health_needs_no_key_and_tei_routes_follow_the_knob(tmp_path_factory):
+def test_health_needs_no_key_tei_routes_follow_the_knob_and_switched_off_dialects_are_gone(tmp_path_factory):
     import time
 
     from service.config import ModelConfig, default_model_path
@@ -682,6 +669,7 @@ def test_health_needs_no_key_and_tei_routes_follow_the_knob(tmp_path_factory):
     cfg.auth.keys_file = str(keys)
     cfg.models.append(ModelConfig(id="second-model", path=default_model_path(), precision="fp32", max_seq_length=128, aliases=["second"]))
     cfg.dialects.model = {"tei": "second"}
+    cfg.dialects.disabled = ["ollama", "cohere", "gemini"]  # switched off: Envoy's routes follow
     auth = {"Authorization": f"Bearer {KEY}"}
     with Stack(cfg.validate(), log_dir=tmp_path_factory.mktemp("tei-knob-logs")) as s:
         deadline = time.monotonic() + 120
@@ -693,6 +681,11 @@ def test_health_needs_no_key_and_tei_routes_follow_the_knob(tmp_path_factory):
         info = requests.get(s.http_url + "/info", headers=auth, timeout=10).json()
         assert info["model_id"] == "second-model" and info["max_input_length"] == 128, info
         assert post(s, "/embed", {"inputs": "hi"}, headers=auth).headers["x-model-id"] == "second-model"
+        for route, body in [("/api/embed", {"model": "m", "input": "hi"}), ("/v2/embed", {"model": "m", "texts": ["hi"]}),
+                            ("/v1beta/models/m:embedContent", {"content": {"parts": [{"text": "hi"}]}})]:
+            r = requests.post(s.http_url + route, json=body, headers=auth, timeout=10)
+            assert r.status_code == 404, (route, r.status_code, r.text[:200])
+        assert requests.post(s.http_url + "/v1/embeddings", json={"model": "second", "input": "hi"}, headers=auth, timeout=30).status_code == 200
 
 
 # -- in process: the stream machinery's order and bounds --------------------------------------------------------

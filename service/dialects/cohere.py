@@ -9,7 +9,8 @@
   `query`, `search_document` → `search_document`, `document` or `passage`, `classification` and `clustering` →
   the prompt of that name; none of them: the model's default.
 - `truncate`: END cuts an over-long input at its end, START at its start, NONE refuses it (400); left out, the
-  whole input is read in windows (`dialects.long_inputs.cohere`: chunk), as Cohere reads long inputs.
+  whole input is read in windows (`dialects.long_inputs.cohere`: chunk; Cohere's own service cuts at the end there,
+  which `truncate` in that key reproduces).
 - `output_dimension`: the first N components, normalized again. `max_tokens` is accepted; inputs are cut at
   the model's own limit (see the README).
 - v1 without `embedding_types` answers `embeddings_floats` (a bare list of float vectors), else by type.
