@@ -162,11 +162,12 @@ class Stack:
                         say(f"waiting for {target} to load its model ({now - deadline + timeout:.0f}s)")
                         last_note = now
                     time.sleep(0.2)
+        import http.client
         import urllib.request
 
         while True:
             self._check_alive()
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, http.client.HTTPException, ValueError):  # not up yet, or mid-restart
                 with urllib.request.urlopen(self.ready_url, timeout=1) as r:
                     if r.status == 200 and self._envoy_sees_every_replica_healthy():
                         return

@@ -99,6 +99,21 @@ async def test_policies_and_caps(engine):
     assert got.chunked == 1 and got.token_counts[0] > 700
 
 
+async def test_the_windows_cap_binds_a_request_that_chunks_and_no_other(engine):
+    """More inputs than this engine's 64 windows, each fitting one window, is an ordinary batch; the same with one
+    input that is chunked is past the cap, wherever that input stands (the cheap check before admission and the
+    exact one after tokenizing agree)."""
+    fitting_texts = [document(150, seed=100 + i) for i in range(80)]  # 150 words: long enough to be counted
+    fitting_ids = [list(range(2000 + i, 2200 + i)) for i in range(80)]
+    assert len((await engine.embed(EmbedRequest(inputs=fitting_texts, long_inputs="chunk"))).vectors) == 80
+    assert len((await engine.embed(EmbedRequest(inputs=fitting_ids, long_inputs="chunk"))).vectors) == 80
+    long_text, long_ids = document(700, seed=5), list(range(1000, 1700))
+    for inputs in ([long_text, *fitting_texts], [*fitting_texts, long_text], [long_ids, *fitting_ids], [*fitting_ids, long_ids]):
+        with pytest.raises(errors.ServiceError) as e:
+            await engine.embed(EmbedRequest(inputs=inputs, long_inputs="chunk"))
+        assert e.value.reason == "TOO_MANY_WINDOWS", e.value.message
+
+
 # -- through Envoy, with real ingestion clients ------------------------------------------------------------------
 
 

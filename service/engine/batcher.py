@@ -136,6 +136,7 @@ class Batcher:
         self.max_restarts = max_restarts
         self.restart_window = restart_window
         self._deaths: collections.deque[float] = collections.deque()
+        self._dying: list[Job] = []  # the jobs of a batch whose thread died holding it, for `_recover`
         self._down: errors.ServiceError | None = None
         self._threads = [
             threading.Thread(target=self._thread_main, name=f"batcher:{name}:{i}", daemon=True) for i in range(max(1, runtime.streams))
@@ -205,8 +206,12 @@ class Batcher:
             while self._deaths and now - self._deaths[0] > self.restart_window:
                 self._deaths.popleft()
             give_up = len(self._deaths) > self.max_restarts
-            doomed = {id(e.job): e.job for e in self._entries}
-            doomed.update({id(j): j for j in self._rotation})
+            # The batch in hand when the thread died fails as INTERNAL, not to be retried elsewhere: it may hold the
+            # request that kills a batcher, and would go on to take every replica down.
+            poisoned = {id(j): j for j in self._dying}
+            self._dying.clear()
+            doomed = {id(e.job): e.job for e in self._entries if id(e.job) not in poisoned}
+            doomed.update({id(j): j for j in self._rotation if id(j) not in poisoned})
             for entry in self._entries:
                 entry.taken = True
             self._keys, self._entries = [], []
@@ -221,6 +226,9 @@ class Batcher:
             self._cond.notify_all()
         if self.on_failure is not None:  # health first (NOT_SERVING), then the callers hear of it
             self.on_failure()
+        internal = errors.internal(f"The model {self.name} failed on this request's batch.")
+        for job in poisoned.values():
+            job.loop.call_soon_threadsafe(job._fail, internal)
         for job in doomed.values():
             job.loop.call_soon_threadsafe(job._fail, failure)
         if give_up:
@@ -249,11 +257,9 @@ class Batcher:
                 self._execute(batch, alone)
             except BaseException:
                 # Died in the middle of this batch, outside the forward pass's own guard: its requests were taken off
-                # the queue, so `_recover` cannot see them; fail them here, or they wait for ever. Not to be retried
-                # elsewhere: this batch may hold the request that kills a batcher, and would take every replica down.
-                failure = errors.internal(f"The model {self.name} failed on this request's batch.")
-                for job in {id(e.job): e.job for e in batch}.values():
-                    job.loop.call_soon_threadsafe(job._fail, failure)
+                # the queue, so `_recover` would not see them; hand them over, or they wait for ever.
+                with self._cond:
+                    self._dying.extend(e.job for e in batch)
                 raise
             finally:
                 with self._cond:

@@ -96,29 +96,51 @@ def windows(ids: np.ndarray, mask: list[int], max_len: int, prompt_tokens: int, 
 CHARS_PER_TOKEN = 32
 
 
+def _too_many_windows(max_windows: int, limit: int, param: str) -> errors.ServiceError:
+    return errors.invalid_argument(
+        f"This request needs more than {max_windows} windows of {limit} tokens (limits.max_windows_per_request); "
+        "send fewer or shorter inputs per request.", param, "TOO_MANY_WINDOWS",
+    )
+
+
+def _sure_windows(n: int, limit: int) -> int:
+    """At least how many windows an input of at least `n` tokens takes (windows hold at most `limit` tokens)."""
+    return max(1, -(-n // limit))
+
+
 def check_words(texts: list[str], limit: int, max_input_tokens: int, max_windows: int, param: str) -> None:
     """Refuses, before anything is tokenized, a chunked request that is sure to pass the caps: every word is at least
-    one token (a split on whitespace costs a few milliseconds for megabytes, tokenizing them seconds)."""
-    total = 0
+    one token. Only what `_place` would refuse: an input over both the model's window and `max_input_tokens`, or,
+    once some input is chunked, more windows in all than `max_windows`. Words are counted only up to what decides
+    (`split` with a bound, and no further once the windows are past the cap), so a 16 MiB text costs one pass, not
+    millions of strings."""
+    cap = max(limit, max_input_tokens)
+    windows, chunked = 0, False
     for i, text in enumerate(texts):
-        words = len(text.split())
-        if words > max_input_tokens:
+        if len(text) < 2 * limit:  # fewer than `limit` words: decides nothing
+            windows += 1
+            continue
+        words = len(text.split(None, cap))  # at most cap + 1 strings
+        if words > cap:
             raise errors.invalid_argument(
-                f"Input {i} has {words} words, so more than {max_input_tokens} tokens; at most {max_input_tokens} tokens are "
-                "read per input (limits.max_input_tokens).", param, "INPUT_TOO_LONG",
+                f"Input {i} has more than {max_input_tokens} words, so more than {max_input_tokens} tokens; at most "
+                f"{max_input_tokens} tokens are read per input (limits.max_input_tokens).", param, "INPUT_TOO_LONG",
             )
-        total += words
-    if total > max_windows * limit:
-        raise errors.invalid_argument(
-            f"This request needs more than {max_windows} windows of {limit} tokens (limits.max_windows_per_request); "
-            "send fewer or shorter inputs per request.", param, "TOO_MANY_WINDOWS",
-        )
+        chunked = chunked or words > limit
+        windows += _sure_windows(words, limit)
+        if chunked and windows > max_windows:  # decided: stop counting
+            raise _too_many_windows(max_windows, limit, param)
+    if chunked and windows > max_windows:
+        raise _too_many_windows(max_windows, limit, param)
 
 
 def check_ids(sequences: list, policy: str, limit: int, max_input_tokens: int, max_windows: int, param: str) -> None:
     """Refuses, from the lists' lengths alone, token ids that are sure to be refused once converted: the same answer
-    whatever the load, and before admission (a request no queue could ever take must not be told to retry)."""
-    total = 0
+    whatever the load, and before admission (a request no queue could ever take must not be told to retry). Only what
+    `from_ids`/`_place` would refuse: under `refuse` an input over the window; under `chunk` an input over both the
+    window and `max_input_tokens`, or, once some input is chunked, more windows in all than `max_windows`."""
+    cap = max(limit, max_input_tokens)
+    windows, chunked = 0, False
     for i, seq in enumerate(sequences):
         n = len(seq)
         if policy == "refuse" and n > limit:
@@ -126,17 +148,15 @@ def check_ids(sequences: list, policy: str, limit: int, max_input_tokens: int, m
                 f"Input {i} is {n} tokens long; this model reads at most {limit} tokens. "
                 "Shorten it, or ask for truncation (or chunking, where this API has it).", param, "context_length_exceeded",
             )
-        if policy == "chunk" and n > max_input_tokens:
+        if policy == "chunk" and n > cap:
             raise errors.invalid_argument(
                 f"Input {i} is {n} tokens long; at most {max_input_tokens} tokens are read per input "
                 "(limits.max_input_tokens).", param, "INPUT_TOO_LONG",
             )
-        total += n
-    if policy == "chunk" and total > max_windows * limit:
-        raise errors.invalid_argument(
-            f"This request needs more than {max_windows} windows of {limit} tokens (limits.max_windows_per_request); "
-            "send fewer or shorter inputs per request.", param, "TOO_MANY_WINDOWS",
-        )
+        chunked = chunked or n > limit
+        windows += _sure_windows(n, limit)
+    if policy == "chunk" and chunked and windows > max_windows:
+        raise _too_many_windows(max_windows, limit, param)
 
 
 def _clip(text: str, tokens: int, direction: str) -> str:
@@ -191,7 +211,15 @@ def tokenize(
             continue
         _place(out, ids, np.asarray(enc.type_ids, dtype=np.int64), enc.special_tokens_mask, policy, limit, param, offset + i,
                prompt_tokens, max_input_tokens, max_windows, overlap, b"text", at_least=i in partial)
+    _check_windows(out, max_windows, limit, param)
     return out
+
+
+def _check_windows(out: Tokenized, max_windows: int, limit: int, param: str) -> None:
+    """The cap on a request that chunks: at most `max_windows` windows in all, its unchunked inputs counted too (a
+    request that chunks nothing is bounded by the input count alone)."""
+    if out.chunked and len(out.items) > max_windows:
+        raise _too_many_windows(max_windows, limit, param)
 
 
 def from_ids(
@@ -220,6 +248,7 @@ def from_ids(
             out.add([Tokens(ids, np.zeros_like(ids))], ids.tobytes())
             continue
         _place(out, ids, np.zeros_like(ids), [0] * len(ids), policy, limit, param, i, 0, max_input_tokens, max_windows, overlap, b"ids")
+    _check_windows(out, max_windows, limit, param)
     return out
 
 
@@ -247,8 +276,4 @@ def _place(out: Tokenized, ids: np.ndarray, type_ids: np.ndarray, mask: list[int
     # The key names how the windows were cut: a text's windows repeat its special tokens and prompt, token ids' don't, so
     # the same ids sent as text and as ids are different inputs.
     out.add([Tokens(w, np.zeros_like(w)) for w in parts], b"chunk:%s:%d:%d:%d:" % (kind, limit, overlap, prompt_tokens) + ids.tobytes())
-    if len(out.items) > max_windows:
-        raise errors.invalid_argument(
-            f"This request needs more than {max_windows} windows of {limit} tokens (limits.max_windows_per_request); "
-            "send fewer or shorter inputs per request.", param, "TOO_MANY_WINDOWS",
-        )
+    _check_windows(out, max_windows, limit, param)  # early: a huge request stops at its first window past the cap
