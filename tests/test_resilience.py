@@ -137,18 +137,27 @@ def test_losing_one_of_two_replicas_under_load_loses_no_request(tmp_path):
         want = {t: np.array(d["embedding"]) for t, d in zip(texts, first.json()["data"])}
         body = lambda text: {"input": [text, "steady load"], "model": MODEL, "encoding_format": "float"}  # noqa: E731
 
-        def one(i):
-            text = texts[i % len(texts)]
-            r = requests.post(s.http_url + "/v1/embeddings", json=body(text), timeout=60)
-            if r.status_code != 503:
-                return text, r, False
-            return text, requests.post(s.http_url + "/v1/embeddings", json=body(text), timeout=60), True
+        stop = threading.Event()
+
+        def client(k):  # sends until told to stop: the load runs on well past the kill, however fast the replicas are
+            done, i = [], k
+            while not stop.is_set():
+                text = texts[i % len(texts)]
+                i += 8
+                r = requests.post(s.http_url + "/v1/embeddings", json=body(text), timeout=60)
+                if r.status_code != 503:
+                    done.append((text, r, False))
+                else:
+                    done.append((text, requests.post(s.http_url + "/v1/embeddings", json=body(text), timeout=60), True))
+            return done
 
         with cf.ThreadPoolExecutor(8) as pool:
-            futures = [pool.submit(one, i) for i in range(240)]
+            futures = [pool.submit(client, k) for k in range(8)]
             time.sleep(1.0)
             s.stop_server(1, signal.SIGKILL)  # no drain: the replica just dies
-            results = [f.result() for f in futures]
+            time.sleep(2.0)
+            stop.set()
+            results = [one for f in futures for one in f.result()]
         retried_by_envoy = sum(int(line.rsplit(" ", 1)[1]) for line in requests.get(s.admin_url + "/stats").text.splitlines()
                                if line.startswith("cluster.embedding_grpc.upstream_rq_retry:"))
     failures = [(t, r.status_code, r.text[:200]) for t, r, _ in results if r.status_code != 200]
