@@ -76,11 +76,11 @@ async def hold_worker(batcher, runtime, loop):
 
 async def test_a_lone_request_runs_at_once_and_keeps_order(batcher, runtime):
     loop = asyncio.get_running_loop()
-    job = Job([tokens(1, 3), tokens(2, 5), tokens(3, 2)], False, loop)
+    job = Job([tokens(1, 4), tokens(2, 5), tokens(3, 4)], False, loop)  # 13 real tokens of 15: within max_padding
     batcher.submit(job)
     await asyncio.wait_for(job.future, 5)
     assert job.pooled[:, 0].tolist() == [1, 2, 3]  # reassembled in input order
-    assert job.pooled[:, 1].tolist() == [3, 5, 2]  # each row saw its own length
+    assert job.pooled[:, 1].tolist() == [4, 5, 4]  # each row saw its own length
     assert len(runtime.batches) == 1
 
 

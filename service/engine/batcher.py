@@ -100,7 +100,7 @@ class Batcher:
         max_batch_size: int,
         on_batch: Callable[[BatchStats], None] | None = None,
         max_width: int = 512,
-        max_padding: float = 0.4,
+        max_padding: float = 0.2,
         on_failure: Callable[[], None] | None = None,
         on_recovery: Callable[[], None] | None = None,
         max_restarts: int = 3,
@@ -116,7 +116,9 @@ class Batcher:
         self.on_batch = on_batch
         self.max_width = max_width  # the model's max_seq_length: padding to a multiple never goes past it
         # Most of a batch's tokens that may be padding (a 10-token text waits for the next batch rather than
-        # join a batch of 150-token ones).
+        # join a batch of 150-token ones). 0.2, not 0.4: with one text per request the queue holds few texts of mixed
+        # lengths, and two streams running tighter batches side by side beat one looser batch (in process, runs
+        # interleaved: 32 clients × 1 text 8.3k → 10.1k tokens/s, 8 × 1 7.7k → 8.9k; 32 × 32 unchanged, 12.8k).
         self.max_padding = max_padding
         self._cond = threading.Condition()
         self._keys: list[tuple[int, int]] = []  # sorted
