@@ -103,6 +103,20 @@ def _too_many_windows(max_windows: int, limit: int, param: str) -> errors.Servic
     )
 
 
+def _longer_than_model(position: int, n: int, limit: int, param: str, at_least: bool = False) -> errors.ServiceError:
+    return errors.invalid_argument(
+        f"Input {position} is {'at least ' if at_least else ''}{n} tokens long; this model reads at most {limit} tokens. "
+        "Shorten it, or ask for truncation (or chunking, where this API has it).", param, "context_length_exceeded",
+    )
+
+
+def _longer_than_cap(position: int, n: int, max_input_tokens: int, param: str) -> errors.ServiceError:
+    return errors.invalid_argument(
+        f"Input {position} is {n} tokens long; at most {max_input_tokens} tokens are read per input "
+        "(limits.max_input_tokens).", param, "INPUT_TOO_LONG",
+    )
+
+
 def _sure_windows(n: int, limit: int) -> int:
     """At least how many windows an input of at least `n` tokens takes (windows hold at most `limit` tokens)."""
     return max(1, -(-n // limit))
@@ -144,15 +158,9 @@ def check_ids(sequences: list, policy: str, limit: int, max_input_tokens: int, m
     for i, seq in enumerate(sequences):
         n = len(seq)
         if policy == "refuse" and n > limit:
-            raise errors.invalid_argument(
-                f"Input {i} is {n} tokens long; this model reads at most {limit} tokens. "
-                "Shorten it, or ask for truncation (or chunking, where this API has it).", param, "context_length_exceeded",
-            )
+            raise _longer_than_model(i, n, limit, param)
         if policy == "chunk" and n > cap:
-            raise errors.invalid_argument(
-                f"Input {i} is {n} tokens long; at most {max_input_tokens} tokens are read per input "
-                "(limits.max_input_tokens).", param, "INPUT_TOO_LONG",
-            )
+            raise _longer_than_cap(i, n, max_input_tokens, param)
         chunked = chunked or n > limit
         windows += _sure_windows(n, limit)
     if policy == "chunk" and chunked and windows > max_windows:
@@ -260,17 +268,9 @@ def _place(out: Tokenized, ids: np.ndarray, type_ids: np.ndarray, mask: list[int
         out.add([Tokens(ids, type_ids)], ids.tobytes())
         return
     if policy == "refuse":
-        raise errors.invalid_argument(
-            f"Input {position} is {'at least ' if at_least else ''}{len(ids)} tokens long; this model reads at most {limit} tokens. "
-            "Shorten it, or ask for truncation (or chunking, where this API has it).",
-            param,
-            "context_length_exceeded",
-        )
+        raise _longer_than_model(position, len(ids), limit, param, at_least)
     if len(ids) > max_input_tokens:
-        raise errors.invalid_argument(
-            f"Input {position} is {len(ids)} tokens long; at most {max_input_tokens} tokens are read per input "
-            "(limits.max_input_tokens).", param, "INPUT_TOO_LONG",
-        )
+        raise _longer_than_cap(position, len(ids), max_input_tokens, param)
     parts = windows(ids, mask, limit, prompt_tokens, overlap)
     out.chunked += 1
     # The key names how the windows were cut: a text's windows repeat its special tokens and prompt, token ids' don't, so
