@@ -118,6 +118,8 @@ class ServerConfig:
     max_parsing_bytes: int = 64 * 1024 * 1024
     # Serve gRPC server reflection (the API's shape; no data). Open by design when on.
     reflection: bool = True
+    # Reflection streams open at once; more are refused (RESOURCE_EXHAUSTED).
+    max_reflection_streams: int = 16
     # Health also answers per model (`model:<id>`), which tells any caller the model ids. Open by design when on.
     health_per_model: bool = True
     # debug | info | warning | error (info: lifecycle only; debug: a line per request).
@@ -330,7 +332,7 @@ class Config:
             raise ConfigError(f"auth.keys_file: {self.auth.keys_file!r} is not a file")
         if self.server.offload_workers < 0:
             raise ConfigError("server.offload_workers: must be >= 0")
-        for key in ("max_message_bytes", "max_concurrent_rpcs", "max_health_watchers", "max_parsing_bytes"):
+        for key in ("max_message_bytes", "max_concurrent_rpcs", "max_health_watchers", "max_reflection_streams", "max_parsing_bytes"):
             if getattr(self.server, key) < 1:
                 raise ConfigError(f"server.{key}: must be >= 1")
         for key in ("grace_seconds", "drain_delay_seconds"):

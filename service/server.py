@@ -18,8 +18,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from . import dialects, metrics, offload, rpc, tracing
 from .auth import CredentialStore
@@ -29,28 +28,11 @@ from .engine.models import ModelRegistry, ServedModel
 from .engine.pipeline import Embedder
 from .interceptors import AuthInterceptor, CallState, GateInterceptor
 from .launch import free_port
+from .open_services import BoundedHealth, add_reflection
 from .runtimes import threads
 
 log = logging.getLogger(__name__)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-class BoundedHealth(health.aio.HealthServicer):
-    """gRPC health, with a bound on Watch streams (each is a long-lived stream any caller can open)."""
-
-    def __init__(self, max_watchers: int) -> None:
-        super().__init__()
-        self.max_watchers = max_watchers
-        self.watchers = 0
-
-    async def Watch(self, request, context):  # noqa: N802 (gRPC's name)
-        if self.watchers >= self.max_watchers:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"At most {self.max_watchers} health watches at once.")
-        self.watchers += 1
-        try:
-            await super().Watch(request, context)
-        finally:
-            self.watchers -= 1
 
 
 class EmbeddingServer:
@@ -117,7 +99,7 @@ class EmbeddingServer:
             dialect.add_to_server(self.server, self.embedder, self.config)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if self.config.server.reflection:
-            reflection.enable_server_reflection([*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
+            add_reflection(self.server, self.service_names, self.config.server.max_reflection_streams)
         for name in ["", *self.service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         host = self.config.server.host

@@ -373,6 +373,42 @@ def test_the_native_port_refuses_oversized_messages_and_too_many_watches(bounded
         assert stub.Embed(pb.EmbedRequest(inputs=[pb.EmbedRequest.Input(text="still fine")]), timeout=30).embeddings
 
 
+def test_reflection_streams_are_bounded_and_freed(stack):
+    """Reflection is open (no key) and each call is a stream a client may keep open: past the bound one is refused,
+    and a closed stream frees its place."""
+    import queue
+
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    bound = stack_config().server.max_reflection_streams
+    ask = reflection_pb2.ServerReflectionRequest(list_services="")
+
+    def open_stream(stub):
+        """A reflection stream that has answered once and stays open (its request iterator blocks)."""
+        requests_q: queue.Queue = queue.Queue()
+        requests_q.put(ask)
+        call = stub.ServerReflectionInfo(iter(requests_q.get, None), timeout=60)
+        return call, requests_q
+
+    with grpc.insecure_channel(stack.server_targets[0]) as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        held = [open_stream(stub) for _ in range(bound)]
+        for call, _ in held:
+            assert next(call).list_services_response.service
+        extra, extra_q = open_stream(stub)
+        with pytest.raises(grpc.RpcError) as e:
+            next(extra)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        extra_q.put(None)
+        first, first_q = held.pop(0)
+        first_q.put(None)  # the client closes its side: the stream ends and frees its place
+        assert list(first) == []
+        again, again_q = open_stream(stub)
+        assert next(again).list_services_response.service
+        for _, q in [*held, (again, again_q)]:
+            q.put(None)
+
+
 # -- 12. what a response reveals --------------------------------------------------------------------------------
 
 
