@@ -21,6 +21,7 @@ from google.protobuf.message import DecodeError
 from . import errors, metrics, offload
 from .dialects import Dialect
 from .engine.pipeline import EmbedResult
+from .envoy import REST_MARK
 from .logs import request_id
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ class Call:
 # `dialects.long_inputs`, set by the server at start; the dialect being served, set by `handle` for `call` to read.
 LONG_INPUTS: dict[str, str] = {}
 _dialect: contextvars.ContextVar[str] = contextvars.ContextVar("dialect", default="")
+# The call came through Envoy's transcoder (a REST caller), set by `handle` for `respond` to read.
+_rest: contextvars.ContextVar[bool] = contextvars.ContextVar("rest", default=False)
 
 
 def call(context: grpc.aio.ServicerContext, max_inputs: int, **settings: Any) -> Call:
@@ -120,18 +123,27 @@ def result_headers(result: EmbedResult) -> list[tuple[str, str]]:
     ]
 
 
-async def respond(context: grpc.aio.ServicerContext, result: EmbedResult, extra: tuple[tuple[str, str], ...] = ()) -> None:
-    """Timing as response headers (REST through Envoy) and as trailing metadata (gRPC callers); `extra`: a dialect's own."""
+async def respond(context: grpc.aio.ServicerContext, result: EmbedResult, extra: tuple[tuple[str, str], ...] = (),
+                  *, initial: bool | None = None) -> None:
+    """Timing as trailing metadata (every gRPC caller) and as response headers (REST callers through Envoy, or with
+    `initial`: a gRPC API whose own server sends them as headers); `extra`: a dialect's own.
+
+    Only a REST caller needs the headers: Envoy's transcoder makes HTTP headers of the initial metadata alone, never
+    of trailers. For a gRPC caller they would cost a second send of their own, apart from the one that carries the
+    response and its trailers: measured ~0.7 ms of a one-text call's latency and ~0.2 ms of the server's CPU."""
     headers = [*result_headers(result), *extra]
     _result.set(result)
-    await context.send_initial_metadata(headers)
+    if _rest.get() if initial is None else initial:
+        await context.send_initial_metadata(headers)
     context.set_trailing_metadata(headers)
 
 
 async def handle(context: grpc.aio.ServicerContext, dialect: Dialect, work: Callable[[], Awaitable[T]]) -> T:
     started = time.perf_counter()
     _dialect.set(dialect.name)
-    request_id.set(metadata(context).get("x-request-id"))
+    md = metadata(context)
+    request_id.set(md.get("x-request-id"))
+    _rest.set(REST_MARK in md)
     _result.set(None)
     try:
         response = await work()

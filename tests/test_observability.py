@@ -58,6 +58,11 @@ def test_timing_headers_on_rest_and_trailers_on_grpc(observed):
         _, call = pb_grpc.EmbeddingServiceStub(ch).Embed.with_call(pb.EmbedRequest(inputs=[pb.EmbedRequest.Input(text="timed")]), timeout=10)
         trailers = dict(call.trailing_metadata())
         assert float(trailers["x-inference-time"]) >= 0 and trailers["x-compute-tokens"] == "3"
+        # Trailers only: headers too would cost a native call a send of their own.
+        assert "x-compute-time" not in dict(call.initial_metadata())
+    # A REST caller's headers come from the initial metadata alone, whatever a native caller gets.
+    r = requests.post(observed.http_url + "/ml/v1alpha/embedding:embed", json={"inputs": [{"text": "timed again"}]}, timeout=30)
+    assert r.status_code == 200 and float(r.headers["x-compute-time"]) >= 0
 
 
 def test_request_id_is_in_the_request_log_lines(observed):

@@ -703,7 +703,7 @@ class TeiEmbedServicer(_GrpcBase):
                 result = await self.embedder.embed(core)
             except errors.ServiceError as err:
                 raise backend_codes(err) from None
-            await rpc.respond(context, result)
+            await rpc.respond(context, result, initial=True)  # TEI's gRPC server sends them as headers
             return embed_response(result, 0, len(core.inputs[0]))
 
         return await rpc.handle(context, DIALECT, work)
@@ -715,7 +715,7 @@ class TeiEmbedServicer(_GrpcBase):
                 result = await self.embedder.embed(core)
             except errors.ServiceError as err:
                 raise backend_codes(err) from None
-            await rpc.respond(context, result)
+            await rpc.respond(context, result, initial=True)  # TEI's gRPC server sends them as headers
             return embed_all_response(result, 0, len(core.inputs[0]))
 
         return await rpc.handle(context, DIALECT, work)
