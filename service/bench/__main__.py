@@ -5,6 +5,7 @@ runtime mode of the engine (with its fidelity to the fp32 reference), then the d
 ways — the engine in process, native gRPC, gRPC through Envoy, REST through Envoy (OpenAI route, base64
 as the SDKs ask) — at concurrency 1, 8 and 32 with requests of 1 and 32 texts; and a single short text's
 latency. Then where a new short text's time goes, layer by layer, and 128 one-text clients (service/bench/stages.py);
+the runtime options a lone short text could run on instead (service/bench/lone.py);
 one client streaming thousands of texts over TEI's EmbedStream; chunk against truncate on long documents
 (service/bench/long_docs.py); each mode's server RSS in its own process; with --peers, fastembed and Infinity
 (service/bench/peers.py). Prints as it goes (with progress bars) and writes bench/RESULTS.md and bench/throughput.png.
@@ -321,6 +322,10 @@ async def bench(args) -> int:
                 print(f"   {name} ({result['documents']} documents), {policy}: right document first {r['top1']:.1%}, MRR {r['mrr']:.3f}, {r['tokens_per_s']:,.0f} tokens/s", flush=True)
     registry.stop()
     pool.shutdown()
+    print("== a lone short text's forward pass: the runtime options, each in its own process", flush=True)
+    from . import lone as lone_bench
+
+    lone = lone_bench.measure()
 
     scfg = copy.deepcopy(cfg)
     scfg.server.grpc_port = scfg.server.metrics_port = scfg.envoy.listen_port = scfg.envoy.admin_port = 0
@@ -391,7 +396,7 @@ async def bench(args) -> int:
 
     write_report(args.out, args.plot, env, corpus_stats=(len(corpus), tokens, lengths), rows=rows, short=short,
                  server_rss=server_rss, default_mode=default_mode, base_tps=base_tps, peers=peers,
-                 stages=stages, bulk=bulk, long_docs=long_docs, memory=memory)
+                 stages=stages, bulk=bulk, long_docs=long_docs, memory=memory, lone=lone)
     print(f"== wrote {args.out} and {args.plot}")
     return 0
 

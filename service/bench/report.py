@@ -9,7 +9,7 @@ import numpy as np
 
 
 def write_report(out, plot, env, corpus_stats, rows, short, server_rss, default_mode, base_tps, peers=None,
-                 stages=None, bulk=None, long_docs=None, memory=None) -> None:
+                 stages=None, bulk=None, long_docs=None, memory=None, lone=None) -> None:
     n_texts, tokens, lengths = corpus_stats
     lines = [
         "# Benchmark results",
@@ -63,6 +63,8 @@ def write_report(out, plot, env, corpus_stats, rows, short, server_rss, default_
     lines += ["", f"Server peak RSS (VmHWM) after all serving runs: **{server_rss:.0f} MiB**.", ""]
     if stages:
         lines += stages_section(stages)
+    if lone:
+        lines += lone_section(lone)
     lines += many_clients_section(rows)
     if bulk:
         lines += bulk_section(bulk, rows)
@@ -93,6 +95,24 @@ def stages_section(stages) -> list[str]:
     ]
     for name, p50, p99, added in stages:
         lines.append(f"| {name} | {p50:.2f} | {p99:.2f} | {'' if added != added else f'{added:+.2f}'} |")
+    return [*lines, ""]
+
+
+def lone_section(lone) -> list[str]:
+    """A lone short text's forward pass under each runtime option (service/bench/lone.py)."""
+    lines = [
+        "## A lone short text's forward pass: the options",
+        "",
+        "The runtime alone on one text padded to 16 or 32 tokens (what a 10–16-word text becomes), each option in a",
+        "process of its own, twice in alternating order (medians of the two). *Adds*: resident memory after compiling its",
+        "model(s) and running, over the process with the runtime imported (the runtime's CPU plugin included). *Cosine*:",
+        "its mean-pooled output against the default's, on the same ids.",
+        "",
+        "| option | shape | p50 ms | p99 ms | adds MiB | cosine to the default |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in lone:
+        lines.append(f"| {r['option']} | 1 × {r['shape']} | {r['p50']:.2f} | {r['p99']:.2f} | {r['mib']:.0f} | {r['cosine']:.6f} |")
     return [*lines, ""]
 
 
