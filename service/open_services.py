@@ -6,10 +6,32 @@ its own bound: without one, a caller could open streams until the server's memor
 
 from __future__ import annotations
 
+import contextlib
+
 import grpc
 from grpc_health.v1 import health
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from grpc_reflection.v1alpha._async import ReflectionServicer
+
+
+class Slots:
+    """At most `limit` streams of one kind at once: `async with slots.held(context):` refuses one past it
+    (RESOURCE_EXHAUSTED) and frees its place however the stream ends."""
+
+    def __init__(self, limit: int, what: str) -> None:
+        self.limit = limit
+        self.what = what
+        self.used = 0
+
+    @contextlib.asynccontextmanager
+    async def held(self, context: grpc.aio.ServicerContext):
+        if self.used >= self.limit:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"At most {self.limit} {self.what} at once.")
+        self.used += 1
+        try:
+            yield
+        finally:
+            self.used -= 1
 
 
 class BoundedHealth(health.aio.HealthServicer):
@@ -17,17 +39,11 @@ class BoundedHealth(health.aio.HealthServicer):
 
     def __init__(self, max_watchers: int) -> None:
         super().__init__()
-        self.max_watchers = max_watchers
-        self.watchers = 0
+        self.watches = Slots(max_watchers, "health watches")
 
     async def Watch(self, request, context):  # noqa: N802 (gRPC's name)
-        if self.watchers >= self.max_watchers:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"At most {self.max_watchers} health watches at once.")
-        self.watchers += 1
-        try:
+        async with self.watches.held(context):
             await super().Watch(request, context)
-        finally:
-            self.watchers -= 1
 
 
 class BoundedReflection(ReflectionServicer):
@@ -36,18 +52,12 @@ class BoundedReflection(ReflectionServicer):
 
     def __init__(self, service_names: list[str], max_streams: int) -> None:
         super().__init__(service_names)
-        self.max_streams = max_streams
-        self.streams = 0
+        self.streams = Slots(max_streams, "reflection streams")
 
     async def ServerReflectionInfo(self, request_iterator, context):  # noqa: N802 (gRPC's name)
-        if self.streams >= self.max_streams:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"At most {self.max_streams} reflection streams at once.")
-        self.streams += 1
-        try:
+        async with self.streams.held(context):
             async for response in super().ServerReflectionInfo(request_iterator, context):
                 yield response
-        finally:
-            self.streams -= 1
 
 
 def add_reflection(server: grpc.aio.Server, service_names: list[str], max_streams: int) -> None:

@@ -133,7 +133,8 @@ async def respond(context: grpc.aio.ServicerContext, result: EmbedResult, extra:
     response and its trailers: measured ~0.7 ms of a one-text call's latency and ~0.2 ms of the server's CPU."""
     headers = [*result_headers(result), *extra]
     _result.set(result)
-    if _rest.get() if initial is None else initial:
+    as_headers = _rest.get() if initial is None else initial
+    if as_headers:
         await context.send_initial_metadata(headers)
     context.set_trailing_metadata(headers)
 
