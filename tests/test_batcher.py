@@ -225,6 +225,34 @@ async def test_mostly_padding_batches_are_split_even_within_budget(runtime):
         b.stop(5)
 
 
+class SixteenRuntime(GatedRuntime):
+    """Pads batches to a multiple of 16 tokens, as OpenVINO's runtime does."""
+
+    seq_multiple = 16
+
+
+async def test_padding_is_counted_in_widths_so_inputs_of_one_width_always_join(runtime):
+    """A batch runs at its longest input's width rounded up to the runtime's multiple: a 17-token input costs 32 alone,
+    so it joins a 32-token one for nothing (47% padding in real tokens, which the cap of 20% refused; none in widths).
+    Inputs 16 wide join that batch while its padding in widths stays within the cap: one of three rows (16 of 96, 17%),
+    not two of four (32 of 128, 25%); the rest run at their own width."""
+    rt = SixteenRuntime()
+    b = Batcher("widths", rt, first_token_head, 2, 0, max_batch_tokens=100_000, max_batch_size=64, max_width=256)
+    b.start()
+    try:
+        loop = asyncio.get_running_loop()
+        blocker = await hold_worker(b, rt, loop)
+        job = Job([tokens(20, 17), tokens(21, 32), tokens(10, 9), tokens(11, 12), tokens(12, 16)], False, loop)
+        b.submit(job)
+        rt.gate.set()
+        await asyncio.wait_for(asyncio.gather(blocker.future, job.future), 5)
+        batches = sorted((sorted(f), width) for _, width, f in rt.batches[1:])
+        assert batches == [([10, 11], 16), ([12, 20, 21], 32)]
+        assert job.pooled[:, 0].tolist() == [20, 21, 10, 11, 12]
+    finally:
+        b.stop(5)
+
+
 class FastTwoStreamRuntime(GatedRuntime):
     """Two streams, no sleep: batches of one request finish on both threads at nearly the same moment."""
 
