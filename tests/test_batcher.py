@@ -76,11 +76,11 @@ async def hold_worker(batcher, runtime, loop):
 
 async def test_a_lone_request_runs_at_once_and_keeps_order(batcher, runtime):
     loop = asyncio.get_running_loop()
-    job = Job([tokens(1, 4), tokens(2, 5), tokens(3, 4)], False, loop)  # 13 real tokens of 15: within max_padding
+    job = Job([tokens(1, 9), tokens(2, 10), tokens(3, 9)], False, loop)  # 28 real tokens of 30: within max_padding
     batcher.submit(job)
     await asyncio.wait_for(job.future, 5)
     assert job.pooled[:, 0].tolist() == [1, 2, 3]  # reassembled in input order
-    assert job.pooled[:, 1].tolist() == [4, 5, 4]  # each row saw its own length
+    assert job.pooled[:, 1].tolist() == [9, 10, 9]  # each row saw its own length
     assert len(runtime.batches) == 1
 
 
@@ -233,9 +233,9 @@ class SixteenRuntime(GatedRuntime):
 
 async def test_padding_is_counted_in_widths_so_inputs_of_one_width_always_join(runtime):
     """A batch runs at its longest input's width rounded up to the runtime's multiple: a 17-token input costs 32 alone,
-    so it joins a 32-token one for nothing (47% padding in real tokens, which the cap of 20% refused; none in widths).
-    Inputs 16 wide join that batch while its padding in widths stays within the cap: one of three rows (16 of 96, 17%),
-    not two of four (32 of 128, 25%); the rest run at their own width."""
+    so it joins a 32-token one for nothing (47% padding in real tokens, which a cap in tokens refused; none in widths).
+    An input 16 wide would add 16 of padding to the 96 of a third row (17%, over the cap of 10%): the 16-wide inputs
+    run together at their own width."""
     rt = SixteenRuntime()
     b = Batcher("widths", rt, first_token_head, 2, 0, max_batch_tokens=100_000, max_batch_size=64, max_width=256)
     b.start()
@@ -247,7 +247,7 @@ async def test_padding_is_counted_in_widths_so_inputs_of_one_width_always_join(r
         rt.gate.set()
         await asyncio.wait_for(asyncio.gather(blocker.future, job.future), 5)
         batches = sorted((sorted(f), width) for _, width, f in rt.batches[1:])
-        assert batches == [([10, 11], 16), ([12, 20, 21], 32)]
+        assert batches == [([10, 11, 12], 16), ([20, 21], 32)]
         assert job.pooled[:, 0].tolist() == [20, 21, 10, 11, 12]
     finally:
         b.stop(5)

@@ -100,7 +100,7 @@ class Batcher:
         max_batch_size: int,
         on_batch: Callable[[BatchStats], None] | None = None,
         max_width: int = 512,
-        max_padding: float = 0.2,
+        max_padding: float = 0.1,
         on_failure: Callable[[], None] | None = None,
         on_recovery: Callable[[], None] | None = None,
         max_restarts: int = 3,
@@ -118,9 +118,11 @@ class Batcher:
         # Most of a batch's tokens that may be padding (a 10-token text waits for the next batch rather than join a batch
         # of 150-token ones), counted in widths: padding up to an input's own width is paid when it runs alone too
         # (counted in tokens, 32 × 32 ran at 17% padding and 29.5k tokens/s; in widths 13% and 32.5k, runs interleaved).
-        # 0.2, not 0.4: with one text per request the queue holds few texts of mixed lengths, and two streams running
-        # tighter batches side by side beat one looser batch (in process, runs interleaved: 32 clients × 1 text 8.3k →
-        # 10.1k tokens/s, 8 × 1 7.7k → 8.9k; 32 × 32 unchanged, 12.8k).
+        # Tight, because with one text per request the queue holds few texts of mixed lengths, and two streams running
+        # tighter batches side by side beat one looser batch. Measured, runs interleaved, 32 clients × 1 text: in
+        # process 0.3 21.8k tokens/s, 0.2 23.1-23.5k, 0.1 24.4-25.4k, 0 (one width a batch) 25.3-25.7k; REST through
+        # Envoy 0.2 17.5-17.9k, 0.1 18.7-18.9k (128 × 1: 20.7k, 21.0-21.7k); 32 × 32 the same throughout. Not 0: on
+        # texts of many lengths it would leave few inputs of each width to batch.
         self.max_padding = max_padding
         self._cond = threading.Condition()
         self._keys: list[tuple[int, int]] = []  # sorted
