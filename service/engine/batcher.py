@@ -1,9 +1,9 @@
 """One queue per model and the thread that runs its forward passes, in batches cut by a token budget.
 
 Why this shape:
-- Padding is paid for: a batch costs `len(batch) * longest` tokens, so pending inputs are kept sorted by
-  length and a batch takes neighbours of similar length, never a 10-token text beside a 150-token one
-  when it can avoid it.
+- Padding is paid for: a batch costs `len(batch) * width` tokens (its longest input rounded up to the
+  runtime's multiple), so pending inputs are kept sorted by length and a batch takes neighbours of similar
+  width, never a 10-token text beside a 150-token one when it can avoid it.
 - Latency stays bounded and fair: each batch is built around the oldest pending input of the next request
   in turn (round robin over requests), so a 2048-input request cannot hold back a one-text request by more
   than a batch, a long queue of short texts cannot starve a long one, and a lone request runs at once (no
