@@ -30,7 +30,7 @@ def sample(reference):
     return texts, reference.encode(texts, batch_size=32)
 
 
-def embed_with(runtime: str, precision: str, texts: list[str]) -> np.ndarray:
+def embed_with(runtime: str, precision: str, texts: list[str], one_at_a_time: bool = False) -> np.ndarray:
     cfg = Config().validate()
     cfg.models[0].runtime, cfg.models[0].precision = runtime, precision
     registry = ModelRegistry(cfg.models, cfg.limits)
@@ -41,6 +41,8 @@ def embed_with(runtime: str, precision: str, texts: list[str]) -> np.ndarray:
             embedder = Embedder(registry, cfg.limits, EmbeddingCache(0), pool)
 
             async def run():
+                if one_at_a_time:  # each a lone request, as a search query arrives
+                    return np.concatenate([(await embedder.embed(EmbedRequest(inputs=[t]))).vectors for t in texts])
                 # Concurrent requests, so the batcher mixes them as under load.
                 parts = await asyncio.gather(*[embedder.embed(EmbedRequest(inputs=texts[i : i + 16])) for i in range(0, len(texts), 16)])
                 return np.concatenate([p.vectors for p in parts])
@@ -68,3 +70,21 @@ def test_default_mode_keeps_cosine_0_9999(sample):
     runtime, precision = resolve_mode(Config().validate().default_model())
     got = embed_with(runtime, precision, texts)
     assert cosines(got, want).min() >= 0.9999, (runtime, precision)
+
+
+def test_openvino_lone_inputs_on_static_shape_models_keep_cosine_0_9999(sample, reference):
+    """A lone input of a width in `LONE_WIDTHS` runs on a model compiled for [1, width]; wider ones on the dynamic one."""
+    from service.runtimes.openvino import OpenVinoRuntime
+
+    texts, _ = sample
+    lengths = {t: len(reference.tokenizer(t)["input_ids"]) for t in texts}
+    widths = sorted(OpenVinoRuntime.LONE_WIDTHS)
+    picked = []
+    for low, high in zip([0, *widths], [*widths, widths[-1] + 32]):  # a few of each static width, and wider
+        picked += [t for t in texts if low < lengths[t] <= high][:4]
+    assert len(picked) == 4 * (len(widths) + 1)
+    runtime, precision = resolve_mode(Config().validate().default_model())
+    if runtime != "openvino":
+        pytest.skip("the default mode here is not OpenVINO")
+    got = embed_with(runtime, precision, picked, one_at_a_time=True)
+    assert cosines(got, reference.encode(picked)).min() >= 0.9999

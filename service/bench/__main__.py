@@ -309,6 +309,7 @@ async def bench(args) -> int:
     stage_texts = short_texts(corpus, args.stage_texts)
     served = await registry.get(mcfg.id)
     stage = {"forward pass (runtime alone)": await forward_only(served, stage_texts),
+             "forward pass alone, 3 ms idle before each (as served)": await forward_only(served, stage_texts, idle=0.003),
              "engine in process": await engine_latency(embedder, stage_texts)}
     long_docs = None
     if args.long_docs:

@@ -36,9 +36,10 @@ def pct(values: list[float]) -> tuple[float, float]:
     return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
 
 
-async def forward_only(model, texts: list[str]) -> list[float]:
+async def forward_only(model, texts: list[str], idle: float = 0.0) -> list[float]:
     """The runtime alone, on the batch the batcher builds for one text (padded as it pads); the first ten are a
-    warm-up, not counted."""
+    warm-up, not counted. `idle`: seconds slept before each pass, as a served request comes after the client, Envoy
+    and gRPC ran (on a shared host the caches go cold in that gap)."""
     tok = model.tokenizer
     multiple = model.runtime.seq_multiple
     out = []
@@ -48,6 +49,8 @@ async def forward_only(model, texts: list[str]) -> list[float]:
         batch = np.zeros((1, width), dtype=np.int64)
         batch[0, : len(ids)] = ids
         mask = (batch != 0).astype(np.int64)
+        if idle:
+            time.sleep(idle)
         t0 = time.perf_counter()
         model.runtime.forward(batch, mask, np.zeros_like(batch), alone=True)
         if i >= 10:
@@ -115,6 +118,10 @@ def stage_table(rows: dict[str, list[float]], server: dict[str, list[float]]) ->
         p50, p99 = pct(rows[name])
         out.append((name, p50, p99, p50 - inner))
         inner = p50
+    for name in rows:
+        if name not in order:  # measured beside the layers, not one of them
+            p50, p99 = pct(rows[name])
+            out.append((f"  {name}", p50, p99, float("nan")))
     for key, label in (("x-tokenization-time", "  server: tokenization"), ("x-queue-time", "  server: queue (until its batch starts)"),
                        ("x-inference-time", "  server: forward pass + pooling"), ("x-compute-time", "  server: all of the pipeline")):
         if server.get(key):
