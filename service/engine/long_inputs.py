@@ -187,14 +187,21 @@ def tokenize(
     overlap: int,
     offset: int = 0,
     tokenized: Tokenized | None = None,
+    quick: bool = False,
 ) -> Tokenized:
     """`texts` (prompt already in front) as batcher items under `policy`; adds to `tokenized` when given.
 
     `prompt_tokens`: how many tokens after the leading special ones are the prompt's (repeated in every window).
     `offset`: the position of texts[0] in the request, for error messages.
+    `quick`: try the tokenizer's pure-Python path first (a small request, on the event loop).
     """
     out = tokenized if tokenized is not None else Tokenized()
     limit = tokenizer.max_seq_length
+    if quick and (every := tokenizer.quick_ids(texts)) is not None:
+        # Each fits the model whole (quick_ids declines any that does not): as every policy places a fitting input.
+        for ids in every:
+            out.add([Tokens(ids, np.zeros_like(ids))], ids.tobytes())
+        return out
     partial: set[int] = set()  # inputs whose encoding is of their clipped part only
     if policy == "chunk":
         encodings = tokenizer.encode_detailed(texts)

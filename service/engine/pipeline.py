@@ -360,13 +360,13 @@ class Embedder:
             prompt_tokens = len(enc.ids) - lead - trail
         out = long_inputs.Tokenized()
 
-        def chunk(start: int) -> None:
+        def chunk(start: int, quick: bool = False) -> None:
             long_inputs.tokenize(model.tokenizer, texts[start : start + self.TOKENIZE_CHUNK], policy, req.truncation_direction, req.param,
                                  prompt_tokens, limits.max_input_tokens, limits.max_windows_per_request, limits.chunk_overlap_tokens,
-                                 offset=start, tokenized=out)
+                                 offset=start, tokenized=out, quick=quick)
 
         if self._small(req):
-            chunk(0)
+            chunk(0, quick=True)
         else:
             loop = asyncio.get_running_loop()
             for start in range(0, len(texts), self.TOKENIZE_CHUNK):

@@ -12,6 +12,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from .. import errors
+from .wordpiece import AsciiWordPiece
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class TextTokenizer:
             else:
                 tok.enable_truncation(max_seq_length, direction=side)
             self._variants[side] = tok
+        # Plain-ASCII text of a WordPiece model, tokenized in Python where that is cheaper (see `quick_ids`).
+        self._quick = AsciiWordPiece.of(tokenizer)
 
     def encode(self, texts: list[str], truncate: bool, direction: str = "right", param: str = "input", offset: int = 0) -> list[Tokens]:
         """Tokenizes `texts`; an input over the model's limit is cut from `direction` or refused (named by `offset + i`)."""
@@ -62,6 +65,22 @@ class TextTokenizer:
                     reason="context_length_exceeded",
                 )
             out.append(Tokens(np.asarray(enc.ids, dtype=np.int64), np.asarray(enc.type_ids, dtype=np.int64)))
+        return out
+
+    def quick_ids(self, texts: list[str]) -> list[np.ndarray] | None:
+        """The ids of `texts` (special tokens added) when every one is short plain ASCII of a WordPiece model, else None.
+
+        For a small request on the event loop: the library's answer (tests/test_wordpiece.py), without its character
+        alignments, ~6× faster (wordpiece.py). Pure Python holds the GIL, so never for the tokenizer pool's large work.
+        """
+        if self._quick is None:
+            return None
+        out = []
+        for text in texts:
+            ids = self._quick.encode(text.lower() if self.lowercase else text, self.max_seq_length)
+            if ids is None:
+                return None
+            out.append(np.array(ids, dtype=np.int64))
         return out
 
     def from_ids(self, sequences: list[list[int]], truncate: bool, direction: str = "right", param: str = "input") -> list[Tokens]:
