@@ -145,3 +145,33 @@ async def test_unknown_model_lists_the_served_ones(embedder):
         await embedder.embed(EmbedRequest(inputs=["a"], model="text-embedding-3-small"))
     assert e.value.code.name == "NOT_FOUND"
     assert "sentence-transformers/all-MiniLM-L6-v2" in e.value.message
+
+
+async def test_tokenize_and_decode_hold_a_place_among_the_concurrent_requests(registry):
+    """The Tokenize and Decode APIs run on the tokenizer pool that large embedding requests use: a flood of them must
+    be refused like a flood of embeddings (429 at once), not queue on the pool without bound."""
+    import threading
+
+    from service.engine import tokenization
+
+    cfg = Config().validate()
+    cfg.limits.max_concurrent_requests = 1
+    release = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        embedder = Embedder(registry, cfg.limits, EmbeddingCache(0), pool)
+        pool.submit(release.wait, 30)  # the pool is busy: the first call waits there, holding its place
+        try:
+            first = asyncio.ensure_future(tokenization.tokenize(embedder, "", ["held"]))
+            await asyncio.sleep(0.05)
+            assert embedder.inflight == 1
+            for call in (tokenization.tokenize(embedder, "", ["refused"]), tokenization.decode(embedder, "", [[101, 102]]),
+                         embedder.embed(EmbedRequest(inputs=["refused too"]))):
+                with pytest.raises(errors.ServiceError) as refused:
+                    await call
+                assert refused.value.code.name == "RESOURCE_EXHAUSTED" and refused.value.retry_after >= 1
+        finally:
+            release.set()
+        assert (await first).encodings[0].ids[0] == 101
+        assert embedder.inflight == 0
+        assert (await tokenization.decode(embedder, "", [[101, 7592, 102]]))[1] == ["hello"]
+        assert embedder.inflight == 0

@@ -105,11 +105,19 @@ class Embedder:
         self.inflight = 0
 
     async def embed(self, req: EmbedRequest) -> EmbedResult:
+        with self.admitted():
+            return await self._embed(req)
+
+    @contextlib.contextmanager
+    def admitted(self):
+        """One of `limits.max_concurrent_requests` places, held while the request is worked on; none left: 429 at once.
+        Every request that makes the server work holds one (embedding, and the Tokenize and Decode APIs, which share
+        the tokenizer pool with large embedding requests)."""
         if self.inflight >= self.limits.max_concurrent_requests:
             raise errors.overloaded(f"The server is at its limit of {self.limits.max_concurrent_requests} concurrent requests; retry shortly.", 1.0)
         self.inflight += 1
         try:
-            return await self._embed(req)
+            yield
         finally:
             self.inflight -= 1
 

@@ -117,9 +117,10 @@ async def tokenize(
     stop = threading.Event()
     loop = asyncio.get_running_loop()
     try:
-        encodings = await loop.run_in_executor(
-            embedder.executor, _encode, model, texts, prompt, add_special_tokens, truncate, direction, deadline, stop
-        )
+        with embedder.admitted():
+            encodings = await loop.run_in_executor(
+                embedder.executor, _encode, model, texts, prompt, add_special_tokens, truncate, direction, deadline, stop
+            )
     except asyncio.CancelledError:
         stop.set()
         raise
@@ -171,5 +172,6 @@ async def decode(
             )
     model = await served_model(embedder, model_name, deadline)
     loop = asyncio.get_running_loop()
-    texts = await loop.run_in_executor(embedder.executor, model.tokenizer.decode, [list(s) for s in sequences], skip_special_tokens)
+    with embedder.admitted():
+        texts = await loop.run_in_executor(embedder.executor, model.tokenizer.decode, [list(s) for s in sequences], skip_special_tokens)
     return model.id, texts
