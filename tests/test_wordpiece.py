@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 from service.bench.corpus import make_corpus
 from service.config import default_model_path
 from service.engine.tokenizer import TextTokenizer
-from service.engine.wordpiece import AsciiWordPiece
+from service.engine.wordpiece import _CLEAN, AsciiWordPiece
 
 LIMIT = 256
 
@@ -48,7 +48,7 @@ def check(quick: AsciiWordPiece, library: Tokenizer, texts: list[str]) -> int:
         if got is not None:
             assert got == want, repr(text)
             answered += 1
-        elif text.isascii() and len(want) <= LIMIT and not any(a in text.lower() for a in added):
+        elif text.isascii() and len(want) <= LIMIT and not any(a in text.translate(_CLEAN).lower() for a in added):
             pytest.fail(f"declined a text it covers: {text!r}")
     return answered
 
@@ -113,3 +113,39 @@ def test_text_tokenizer_quick_ids_are_the_embedding_paths_ids(library):
         for got, want in zip(quick_ids, tt.encode(texts, truncate=True)):
             assert got.dtype == np.int64 and np.array_equal(got, want.ids)
         assert tt.quick_ids(["fine", "not fine: naïve"]) is None  # one declined: the library does them all
+
+
+@pytest.mark.parametrize("added", [["résumé"], ["naïve"], ["tab\there"], ["\x07bell"]])
+def test_an_added_token_that_is_not_printable_ascii_means_no_fast_path(library, added):
+    """The library matches an added token after normalizing both it and the text: "résumé" (normalized=true) takes
+    "resume" in plain ASCII text. The fast path does not follow that, so it must not serve such a tokenizer at all."""
+    tok = Tokenizer.from_str(library.to_str())
+    tok.add_tokens(added)
+    assert AsciiWordPiece.of(tok) is None
+    if added == ["résumé"]:  # the hazard is real: plain ASCII text meets the added token
+        assert tok.token_to_id("résumé") in tok.encode("my resume").ids
+
+
+def test_printable_ascii_added_tokens_keep_the_fast_path_and_its_exact_answers(library):
+    tok = Tokenizer.from_str(library.to_str())
+    tok.add_tokens(["Zorblax", "two words"])
+    fast = AsciiWordPiece.of(tok)
+    assert fast is not None
+    check(fast, tok, ["a zorblax here", "ZORBLAX", "two  words", "two\twords", "two words", "nothing added here"])
+
+
+def test_the_word_cache_keeps_only_short_words_up_to_its_bound(quick, library):
+    from service.engine import wordpiece
+
+    fresh = AsciiWordPiece.of(library)
+    long_word = "q" * (wordpiece._CACHE_WORD_CHARS + 1)
+    assert fresh.encode(f"short {long_word}", LIMIT) == library.encode(f"short {long_word}").ids
+    assert "short" in fresh._pieces and long_word not in fresh._pieces
+    for i in range(wordpiece._CACHE_WORDS + 10):
+        fresh._word(f"w{i}")
+    assert len(fresh._pieces) == wordpiece._CACHE_WORDS
+
+
+def test_a_limit_smaller_than_the_special_tokens_is_declined(quick):
+    assert quick.encode("", 2) == quick.before + quick.after
+    assert quick.encode("", 1) is None

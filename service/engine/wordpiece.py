@@ -10,7 +10,9 @@ Only where it is exactly the library's answer: `of` accepts a tokenizer only whe
 module reproduces (BertNormalizer with clean_text, BertPreTokenizer, WordPiece with a `##` prefix, a template that
 adds special tokens around the text with type id 0), and `encode` declines (None) any text it does not cover: one
 with a non-ASCII character, one holding an added token's text ("[MASK]"), one that is longer than the model reads.
-The caller then asks the library. tests/test_wordpiece.py checks every answer against the library's.
+The caller then asks the library. An added token whose own text is not printable ASCII ("résumé", normalized to
+"resume" before matching) could match ASCII text in ways this module does not follow: such a tokenizer gets no fast
+path at all. tests/test_wordpiece.py checks every answer against the library's.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ _CLEAN = {**dict.fromkeys([c for c in range(32) if c not in (9, 10, 13)] + [127]
 # BertPreTokenizer on clean ASCII: split on spaces, every punctuation character (all non-alphanumeric printable
 # ASCII is) a word of its own.
 _WORDS = {True: re.compile(r"[a-z0-9]+|[^ a-z0-9]"), False: re.compile(r"[A-Za-z0-9]+|[^ A-Za-z0-9]")}
-# Words whose pieces are remembered; natural text reuses a few thousand words.
-_CACHE_WORDS = 200_000
+# Words whose pieces are remembered: natural text reuses a few thousand words, and these bounds keep a stream of
+# made-up words to a few MiB (past them a word's pieces are worked out each time, still correct).
+_CACHE_WORDS = 50_000
+_CACHE_WORD_CHARS = 24
 
 
 class AsciiWordPiece:
@@ -78,15 +82,18 @@ class AsciiWordPiece:
                 continue
             token = part["SpecialToken"]["id"]
             around[i > where[0]] += post["special_tokens"][token]["ids"]
+        added = [a["content"] for a in spec.get("added_tokens", [])]
+        if not all(a and all(32 <= ord(c) <= 126 for c in a) for a in added):
+            return None
         return cls(
             vocab=vocab, unk_id=vocab[model["unk_token"]], max_word_chars=int(model.get("max_input_chars_per_word", 100)),
             prefix=model.get("continuing_subword_prefix", "##"), lowercase=bool(norm.get("lowercase")),
-            before=around[0], after=around[1], added=[a["content"] for a in spec.get("added_tokens", [])],
+            before=around[0], after=around[1], added=added,
         )
 
     def encode(self, text: str, limit: int) -> list[int] | None:
         """The ids the library gives `text` (special tokens added), or None: not covered here, or over `limit` tokens."""
-        if not text.isascii() or len(text) > limit * self.max_word_chars:
+        if not text.isascii() or len(text) > limit * self.max_word_chars or len(self.before) + len(self.after) > limit:
             return None
         text = text.translate(_CLEAN)
         lowered = text.lower()
@@ -125,6 +132,6 @@ class AsciiWordPiece:
                     break
                 pieces.append(found)
                 start = end
-        if len(self._pieces) < _CACHE_WORDS:
+        if len(word) <= _CACHE_WORD_CHARS and len(self._pieces) < _CACHE_WORDS:
             self._pieces[word] = pieces
         return pieces
