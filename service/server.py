@@ -148,9 +148,16 @@ class EmbeddingServer:
     def _model_ready(self, model: ServedModel) -> None:
         self._set_health(model.id, health_pb2.HealthCheckResponse.SERVING)
 
-    def _model_failed(self, model_id: str) -> None:
-        """A model's batcher died: NOT_SERVING until it is running again (the registry restarts it)."""
+    def _model_failed(self, model_id: str, permanent: bool = False) -> None:
+        """A model's batcher died: NOT_SERVING until it is running again (the batcher starts over). One that died too
+        often stays down for good, whichever model it serves: then the whole server goes NOT_SERVING, so Envoy stops
+        routing here and the pod's liveness probe (the server's health) has the kubelet replace the container; a
+        replica serving its other models with one model dead would otherwise run on unnoticed, never recovering."""
         self._set_health(model_id, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if permanent:
+            log.error("a model is out of service for good on this replica: the server reports NOT_SERVING so that it is "
+                      "replaced", extra={"model": model_id})
+            self._set_health(self.registry.default_id, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     # -- keys -------------------------------------------------------------------------------------
 

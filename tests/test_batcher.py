@@ -347,7 +347,7 @@ async def test_completion_is_thread_safe_under_many_streams_and_batches():
 async def test_a_batcher_thread_that_dies_fails_its_requests_reports_and_restarts(runtime):
     failures, recoveries = [], []
     b = Batcher("dies", runtime, first_token_head, 2, 0, max_batch_tokens=64, max_batch_size=8,
-                on_failure=lambda: failures.append(1), on_recovery=lambda: recoveries.append(1), max_restarts=1)
+                on_failure=failures.append, on_recovery=lambda: recoveries.append(1), max_restarts=1)
     original = b._take_batch
     boom = {"left": 1}
 
@@ -366,7 +366,7 @@ async def test_a_batcher_thread_that_dies_fails_its_requests_reports_and_restart
         with pytest.raises(Exception) as e:
             await asyncio.wait_for(doomed.future, 5)  # fails at once, never hangs
         assert e.value.code == grpc.StatusCode.UNAVAILABLE and e.value.retry_elsewhere
-        assert failures == [1]  # reported (health NOT_SERVING) before its requests were failed
+        assert failures == [False]  # reported (health NOT_SERVING, for now) before its requests were failed
         after = Job([tokens(2, 4)], False, loop)  # restarted: the next request is served
         b.submit(after)
         await asyncio.wait_for(after.future, 5)
@@ -383,6 +383,7 @@ async def test_a_batcher_thread_that_dies_fails_its_requests_reports_and_restart
         with pytest.raises(Exception) as down:
             b.submit(Job([tokens(4, 4)], False, loop))
         assert down.value.code == grpc.StatusCode.UNAVAILABLE
+        assert failures == [False, True]  # past max_restarts (1), the death is reported as for good: the replica needs replacing
     finally:
         b.stop(5)
 
@@ -398,7 +399,7 @@ async def test_a_thread_that_dies_mid_batch_fails_that_batch_not_to_be_retried_e
         pooled = first_token_head(token_embeddings, mask, prompt_lengths)
         return np.concatenate([pooled, pooled], axis=1) if calls["n"] == 1 else pooled
 
-    b = Batcher("mid-batch", runtime, head, 2, 0, max_batch_tokens=64, max_batch_size=8, on_failure=lambda: failures.append(1))
+    b = Batcher("mid-batch", runtime, head, 2, 0, max_batch_tokens=64, max_batch_size=8, on_failure=failures.append)
     b.start()
     try:
         loop = asyncio.get_running_loop()
@@ -407,7 +408,7 @@ async def test_a_thread_that_dies_mid_batch_fails_that_batch_not_to_be_retried_e
         with pytest.raises(Exception) as e:
             await asyncio.wait_for(poison.future, 5)  # never hangs
         assert e.value.code == grpc.StatusCode.INTERNAL and not e.value.retry_elsewhere
-        assert failures == [1]
+        assert failures == [False]
         after = Job([tokens(3, 4)], False, loop)  # restarted
         b.submit(after)
         await asyncio.wait_for(after.future, 5)

@@ -267,3 +267,38 @@ def test_readiness_follows_the_servers_health_not_only_its_drain(tmp_path):
             time.sleep(0.2)
     finally:
         s.stop()
+
+
+async def test_a_model_down_for_good_takes_the_whole_server_out_so_the_pod_is_replaced(tmp_path):
+    """A batcher that died past its restart limit never comes back. For the default model the server's health
+    already stays NOT_SERVING; for another model it must too, or the replica serves on with one model dead and the
+    liveness probe (the server's health) never replaces it. A death it recovers from leaves the server serving."""
+    import asyncio
+
+    from grpc_health.v1 import health_pb2
+
+    from service.config import ModelConfig
+    from service.server import EmbeddingServer
+
+    cfg = stack_config()
+    (tmp_path / "modules.json").write_text("[]")
+    cfg.models.append(ModelConfig(id="second-model", path=str(tmp_path), load="lazy"))
+    server = EmbeddingServer(cfg.validate())
+    server._loop = asyncio.get_running_loop()
+    OK, DOWN = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+    async def status(name: str) -> int:
+        await asyncio.sleep(0.05)  # the health updates are scheduled onto the loop from the batcher's thread
+        return (await server.health.Check(health_pb2.HealthCheckRequest(service=name), None)).status
+
+    try:
+        for name in ["", *server.service_names, "model:second-model"]:
+            await server.health.set(name, OK)
+        await asyncio.to_thread(server._model_failed, "second-model", False)
+        assert await status("model:second-model") == DOWN
+        assert await status("") == OK and await status(server.service_names[0]) == OK
+        await asyncio.to_thread(server._model_failed, "second-model", True)
+        assert await status("") == DOWN
+        assert all([await status(name) == DOWN for name in server.service_names])
+    finally:
+        server.executor.shutdown()

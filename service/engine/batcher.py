@@ -101,7 +101,7 @@ class Batcher:
         on_batch: Callable[[BatchStats], None] | None = None,
         max_width: int = 512,
         max_padding: float = 0.1,
-        on_failure: Callable[[], None] | None = None,
+        on_failure: Callable[[bool], None] | None = None,
         on_recovery: Callable[[], None] | None = None,
         max_restarts: int = 3,
         restart_window: float = 60.0,
@@ -136,7 +136,8 @@ class Batcher:
         self._busy = 0  # forward passes running
         self._alone = False  # one of them runs alone, on every core: nothing may start beside it
         # A batcher thread that dies outside a forward pass fails what is queued, reports it (the model's health goes
-        # NOT_SERVING), and starts over; past `max_restarts` within `restart_window` seconds it stays down.
+        # NOT_SERVING), and starts over; past `max_restarts` within `restart_window` seconds it stays down, and reports
+        # that as permanent (`on_failure(True)`: the replica then needs replacing).
         self.on_failure = on_failure
         self.on_recovery = on_recovery
         self.max_restarts = max_restarts
@@ -231,7 +232,7 @@ class Batcher:
                 )
             self._cond.notify_all()
         if self.on_failure is not None:  # health first (NOT_SERVING), then the callers hear of it
-            self.on_failure()
+            self.on_failure(give_up)
         internal = errors.internal(f"The model {self.name} failed on this request's batch.")
         for job in poisoned.values():
             job.loop.call_soon_threadsafe(job._fail, internal)

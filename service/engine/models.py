@@ -55,7 +55,7 @@ def load_model(
     limits: LimitsConfig,
     on_batch: Callable[[str, BatchStats], None] | None = None,
     inference_threads: int = 0,
-    on_failure: Callable[[], None] | None = None,
+    on_failure: Callable[[bool], None] | None = None,
     on_recovery: Callable[[], None] | None = None,
 ) -> ServedModel:
     """Loads one model folder (blocking; call it off the event loop)."""
@@ -193,7 +193,7 @@ class ModelRegistry:
         on_batch: Callable[[str, BatchStats], None] | None = None,
         inference_threads: int = 0,
         providers: list[ProviderConfig] | None = None,
-        on_failure: Callable[[str], None] | None = None,
+        on_failure: Callable[[str, bool], None] | None = None,
     ) -> None:
         self.limits = limits
         self.inference_threads = inference_threads
@@ -319,9 +319,9 @@ class ModelRegistry:
                 slot.state, slot.started_at = "loading", time.monotonic()
         model_id = slot.config.id
 
-        def failed() -> None:
+        def failed(permanent: bool) -> None:
             if self._on_failure:
-                self._on_failure(model_id)
+                self._on_failure(model_id, permanent)
 
         def recovered() -> None:
             if self._on_ready and slot.model is not None:
