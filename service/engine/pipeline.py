@@ -381,6 +381,9 @@ class Embedder:
                 if req.deadline is not None and time.monotonic() > req.deadline:
                     raise errors.ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "The request's deadline passed while it was tokenized.",
                                               reason="DEADLINE_EXCEEDED")
+                # The library here, not the pure-Python path: that one holds the GIL. Measured, runs interleaved: it
+                # took bulk streaming +4 % and REST 32 x 32 +4.5 %, but a short text's p90 amid 4 x 32 clients went
+                # 116-117 -> 125-131 ms (a switch interval of 1 ms did not win it back).
                 await loop.run_in_executor(self.executor, chunk, start)
         if req.token_embeddings:
             values = sum(len(t) for t in out.items) * model.runtime.hidden_size
