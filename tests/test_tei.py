@@ -565,6 +565,30 @@ with grpc.insecure_channel(sys.argv[2]) as ch:
     close([v for v in got], reference.encode([f"waiting stream {i}" for i in range(200)])[:, :4])
 
 
+def test_tokenize_and_decode_streams_wait_for_a_place_rather_than_end(secured, tei_stub):
+    """Tokenize and Decode hold a place among `limits.max_concurrent_requests` (2 here), and a stream runs several
+    groups of its messages at once: a fast stream must wait for places, as EmbedStream does, not refuse itself."""
+    script = r'''
+import sys, json
+sys.path.insert(0, sys.argv[1])
+import grpc, tei_pb2 as pb, tei_pb2_grpc as pbg
+md = [("authorization", "Bearer " + sys.argv[3])]
+with grpc.insecure_channel(sys.argv[2]) as ch:
+    stub = pbg.TokenizeStub(ch)
+    tokens = [list(r.tokens) for r in stub.TokenizeStream(iter(pb.EncodeRequest(inputs=f"word {i}", add_special_tokens=True)
+                                                           for i in range(400)), metadata=md, timeout=120)]
+    texts = [r.text for r in stub.DecodeStream(iter(pb.DecodeRequest(ids=[101, 2773, 102], skip_special_tokens=True)
+                                                      for _ in range(400)), metadata=md, timeout=120)]
+    print(json.dumps([len(tokens), [t.id for t in tokens[7]], len(texts), sorted(set(texts))]))
+'''
+    r = subprocess.run([sys.executable, "-c", script, str(tei_stub), secured.envoy_target, KEY], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "PYTHONPATH": ""})
+    assert r.returncode == 0, r.stderr[-2000:]
+    n_tokens, seventh, n_texts, texts = json.loads(r.stdout)
+    assert n_tokens == 400 and seventh[0] == 101 and seventh[-1] == 102 and len(seventh) == 4
+    assert n_texts == 400 and texts == ["word"]
+
+
 # -- in process: /health when the model does not serve, and the configuration knob -------------------------------
 
 

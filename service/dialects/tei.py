@@ -26,7 +26,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -46,6 +46,7 @@ from . import Dialect
 from .common import add_servicer, as_message, count_inputs, json_body, token_ids
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # -- errors -----------------------------------------------------------------------------------------------------
 
@@ -649,13 +650,7 @@ class _GrpcBase(_Base):
 
     async def embed_waiting(self, core: EmbedRequest) -> EmbedResult:
         """`Embedder.embed`, waiting while the server is at its limits (a stream's requests wait, as in TEI)."""
-        while True:
-            try:
-                return await self.embedder.embed(core)
-            except errors.ServiceError as err:
-                if err.code != _C.RESOURCE_EXHAUSTED or (core.deadline is not None and time.monotonic() + OVERLOAD_POLL > core.deadline):
-                    raise
-            await asyncio.sleep(OVERLOAD_POLL)
+        return await waiting(lambda: self.embedder.embed(core), core.deadline)
 
     async def embed_group(self, group: list[Any], call: rpc.Call, respond_one: Callable[[EmbedResult, int, int], Any], all_tokens: bool) -> Group:
         out: list[Any] = []
@@ -744,6 +739,19 @@ class TeiEmbedServicer(_GrpcBase):
             yield response
 
 
+async def waiting(call: Callable[[], Awaitable[T]], deadline: float | None) -> T:
+    """`call()`, again every OVERLOAD_POLL seconds while the server is at its limits: a stream's requests wait, as in
+    TEI, rather than end the stream (its groups run several at once, each holding a place, so a fast stream would
+    otherwise refuse itself). Until the deadline, which ends the wait with the overload error."""
+    while True:
+        try:
+            return await call()
+        except errors.ServiceError as err:
+            if err.code != _C.RESOURCE_EXHAUSTED or (deadline is not None and time.monotonic() + OVERLOAD_POLL > deadline):
+                raise
+        await asyncio.sleep(OVERLOAD_POLL)
+
+
 def sparse() -> errors.ServiceError:
     """TEI's answer to EmbedSparse on a model without SPLADE pooling (every model here is dense)."""
     return errors.ServiceError(_C.FAILED_PRECONDITION, "Backend error: Model is not an embedding model with SPLADE pooling", reason="NOT_SPLADE")
@@ -756,14 +764,15 @@ class TeiTokenizeServicer(_GrpcBase):
             first = run[0]
             prompt = first.prompt_name if first.HasField("prompt_name") else None
             try:
-                done = await tokenization.tokenize(self.embedder, self.model, [m.inputs for m in run], first.add_special_tokens, prompt,
-                                                   deadline=deadline)
+                done = await waiting(lambda: tokenization.tokenize(self.embedder, self.model, [m.inputs for m in run], first.add_special_tokens,
+                                                                   prompt, deadline=deadline), deadline)
             except errors.ServiceError as err:
                 if err.code != _C.INVALID_ARGUMENT or len(run) == 1:
                     return out, err
                 for m in run:
                     try:
-                        one = await tokenization.tokenize(self.embedder, self.model, [m.inputs], first.add_special_tokens, prompt, deadline=deadline)
+                        one = await waiting(lambda: tokenization.tokenize(self.embedder, self.model, [m.inputs], first.add_special_tokens, prompt,
+                                                                          deadline=deadline), deadline)
                     except errors.ServiceError as err_one:
                         return out, err_one
                     out.append(encode_response(one.encodings[0]))
@@ -775,14 +784,15 @@ class TeiTokenizeServicer(_GrpcBase):
         out: list[Any] = []
         for run in _runs(group, lambda m: m.skip_special_tokens):
             try:
-                _, texts = await tokenization.decode(self.embedder, self.model, [list(m.ids) for m in run], run[0].skip_special_tokens,
-                                                     deadline=deadline)
+                _, texts = await waiting(lambda: tokenization.decode(self.embedder, self.model, [list(m.ids) for m in run],
+                                                                     run[0].skip_special_tokens, deadline=deadline), deadline)
             except errors.ServiceError as err:
                 if err.code != _C.INVALID_ARGUMENT or len(run) == 1:
                     return out, err
                 for m in run:
                     try:
-                        _, one = await tokenization.decode(self.embedder, self.model, [list(m.ids)], m.skip_special_tokens, deadline=deadline)
+                        _, one = await waiting(lambda: tokenization.decode(self.embedder, self.model, [list(m.ids)], m.skip_special_tokens,
+                                                                           deadline=deadline), deadline)
                     except errors.ServiceError as err_one:
                         return out, err_one
                     out.append(tei.DecodeResponse(text=one[0]))
