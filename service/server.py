@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import signal
+import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -85,6 +86,9 @@ class EmbeddingServer:
         self.metrics_port = 0
         self._stop_metrics = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Set when a model is down for good: the server-wide health then stays NOT_SERVING (see `_model_failed`).
+        self._condemned = False
+        self._health_lock = threading.Lock()
         self._watch_task: asyncio.Task | None = None
 
     @property
@@ -137,13 +141,15 @@ class EmbeddingServer:
     # -- health -----------------------------------------------------------------------------------
 
     def _set_health(self, model_id: str, status: int) -> None:
-        """Called from loader and batcher threads: the server follows its default model."""
+        """Called from loader and batcher threads: the server follows its default model, unless it is condemned.
+        Updates are posted under a lock, so the loop applies them in the order they were decided."""
         assert self._loop is not None
         names = [f"model:{model_id}"] if self.config.server.health_per_model else []
-        if model_id == self.registry.default_id:
-            names += ["", *self.service_names]
-        for name in names:
-            asyncio.run_coroutine_threadsafe(self.health.set(name, status), self._loop)
+        with self._health_lock:
+            if model_id == self.registry.default_id and not (self._condemned and status == health_pb2.HealthCheckResponse.SERVING):
+                names += ["", *self.service_names]
+            for name in names:
+                asyncio.run_coroutine_threadsafe(self.health.set(name, status), self._loop)
 
     def _model_ready(self, model: ServedModel) -> None:
         self._set_health(model.id, health_pb2.HealthCheckResponse.SERVING)
@@ -157,7 +163,11 @@ class EmbeddingServer:
         if permanent:
             log.error("a model is out of service for good on this replica: the server reports NOT_SERVING so that it is "
                       "replaced", extra={"model": model_id})
-            self._set_health(self.registry.default_id, health_pb2.HealthCheckResponse.NOT_SERVING)
+            assert self._loop is not None
+            with self._health_lock:  # for good: a later recovery or load of the default model must not undo it
+                self._condemned = True
+                for name in ["", *self.service_names]:
+                    asyncio.run_coroutine_threadsafe(self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING), self._loop)
 
     # -- keys -------------------------------------------------------------------------------------
 

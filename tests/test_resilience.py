@@ -292,7 +292,7 @@ async def test_a_model_down_for_good_takes_the_whole_server_out_so_the_pod_is_re
         return (await server.health.Check(health_pb2.HealthCheckRequest(service=name), None)).status
 
     try:
-        for name in ["", *server.service_names, "model:second-model"]:
+        for name in ["", *server.service_names, "model:second-model", f"model:{server.registry.default_id}"]:
             await server.health.set(name, OK)
         await asyncio.to_thread(server._model_failed, "second-model", False)
         assert await status("model:second-model") == DOWN
@@ -300,5 +300,12 @@ async def test_a_model_down_for_good_takes_the_whole_server_out_so_the_pod_is_re
         await asyncio.to_thread(server._model_failed, "second-model", True)
         assert await status("") == DOWN
         assert all([await status(name) == DOWN for name in server.service_names])
+        assert await status(f"model:{server.registry.default_id}") == OK  # the default model itself is fine
+        # The default model recovering from a death of its own (or loading late) must not undo it.
+        ready = type("Ready", (), {"id": server.registry.default_id})()
+        await asyncio.to_thread(server._model_failed, server.registry.default_id, False)
+        await asyncio.to_thread(server._model_ready, ready)
+        assert await status(f"model:{server.registry.default_id}") == OK
+        assert await status("") == DOWN and await status(server.service_names[0]) == DOWN
     finally:
         server.executor.shutdown()
