@@ -28,10 +28,12 @@ _CLEAN = {**dict.fromkeys([c for c in range(32) if c not in (9, 10, 13)] + [127]
 # BertPreTokenizer on clean ASCII: split on spaces, every punctuation character (all non-alphanumeric printable
 # ASCII is) a word of its own.
 _WORDS = {True: re.compile(r"[a-z0-9]+|[^ a-z0-9]"), False: re.compile(r"[A-Za-z0-9]+|[^ A-Za-z0-9]")}
-# Words whose pieces are remembered: natural text reuses a few thousand words, and these bounds keep a stream of
-# made-up words to a few MiB (past them a word's pieces are worked out each time, still correct).
-_CACHE_WORDS = 50_000
-_CACHE_WORD_CHARS = 24
+# A longer word is declined (the library takes the text): greedy longest-match costs up to n²/2 lookups in Python
+# (a 100-character run of gibberish ~0.2 ms, a 40-character hex hash ~4× the library), and natural words are shorter.
+_LONG_WORD = 24
+# Words whose pieces are remembered: natural text reuses a few thousand words. When full it starts over, so it
+# follows the text being served and a stream of made-up words keeps it to a few MiB.
+_CACHE_WORDS = 20_000
 
 
 class AsciiWordPiece:
@@ -107,6 +109,8 @@ class AsciiWordPiece:
         for word in self._words.findall(text):
             pieces = self._pieces.get(word)
             if pieces is None:
+                if len(word) > _LONG_WORD:
+                    return None
                 pieces = self._word(word)
             ids += pieces
             if len(ids) > room:
@@ -132,6 +136,7 @@ class AsciiWordPiece:
                     break
                 pieces.append(found)
                 start = end
-        if len(word) <= _CACHE_WORD_CHARS and len(self._pieces) < _CACHE_WORDS:
-            self._pieces[word] = pieces
+        if len(self._pieces) >= _CACHE_WORDS:
+            self._pieces = {}
+        self._pieces[word] = pieces
         return pieces
