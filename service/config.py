@@ -180,7 +180,8 @@ class LimitsConfig:
     # Numbers one answer may carry where it grows with the tokens read (token embeddings: tokens × dimension; Tokenize:
     # five per token); more is refused before the work is done (a 174 KiB request must not build a 147 MB answer).
     max_output_values: int = 4_194_304
-    # Requests being served at once; more are refused at once (RESOURCE_EXHAUSTED / 429 + Retry-After).
+    # Requests being served at once (embeddings, Tokenize and Decode); more are refused at once (RESOURCE_EXHAUSTED / 429
+    # + Retry-After). A TEI stream's messages wait for a place instead.
     max_concurrent_requests: int = 512
     # Tokens waiting in a model's queue; a request that would pass this is refused at once (429).
     max_queued_tokens: int = 262_144
