@@ -9,8 +9,8 @@ so their pieces come from a dictionary: ~20 µs for the same text.
 Only where it is exactly the library's answer: `of` accepts a tokenizer only when its every stage is one this
 module reproduces (BertNormalizer with clean_text, BertPreTokenizer, WordPiece with a `##` prefix, a template that
 adds special tokens around the text with type id 0), and `encode` declines (None) any text it does not cover: one
-with a non-ASCII character, one holding an added token's text ("[MASK]"), one that is longer than the model reads.
-The caller then asks the library. An added token whose own text is not printable ASCII ("résumé", normalized to
+with a non-ASCII character, one holding an added token's text ("[MASK]"), one that is longer than the model reads,
+one with a word of over `_LONG_WORD` characters. The caller then asks the library. An added token whose own text is not printable ASCII ("résumé", normalized to
 "resume" before matching) could match ASCII text in ways this module does not follow: such a tokenizer gets no fast
 path at all. tests/test_wordpiece.py checks every answer against the library's.
 """
