@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 from ..config import Config, ModelConfig, default_model_path  # noqa: E402
 from .clients import HttpClient, Run, drive  # noqa: E402
 from .corpus import make_corpus  # noqa: E402
-from .stages import bulk_stream, engine_latency, forward_only, grpc_latency, rest_latency, short_texts, stage_table  # noqa: E402
+from .stages import bulk_stream, cpu_seconds, engine_latency, forward_only, grpc_latency, rest_latency, short_texts, stage_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 SHORT_TEXT = "What is the capital of France? Paris is."  # 14 tokens with [CLS] and [SEP]
@@ -165,6 +165,46 @@ async def engine_run(embedder, corpus, c, n, desc):
     with progress_bar(len(corpus), desc) as bar:
         run = await drive(requests, c, send, bar)
     return run, np.concatenate([vectors[i] for i in range(len(requests))]) if len(vectors) == len(requests) else None
+
+
+async def bulk_run(stack, corpus, lengths, n_texts: int, n_reference: int, mcfg, limits) -> dict:
+    """One client streaming `n_texts` over one TEI EmbedStream through Envoy, between two runs of the engine in process
+    (32 x 32, on the first `n_reference` of the same texts) as its reference.
+
+    The reference is measured right beside the stream because this shared host drifts: the engine's 32 x 32 row of
+    the serving grid, taken ~20 minutes earlier, has measured 10-30% faster or slower than the same run taken now. The
+    CPU each party used (server, Envoy, this process as the client) says where a streamed text's cost goes."""
+    texts = [corpus[i % len(corpus)] for i in range(n_texts)]  # the corpus again and again (cache off)
+    tokens = int(np.resize(lengths, n_texts).sum())
+    ref_texts, ref_tokens = texts[:n_reference], int(np.resize(lengths, n_reference).sum())
+    embedder, registry, pool = await engine_session(mcfg, limits)
+    await engine_run(embedder, corpus[:256], 32, 32, "warm-up")
+
+    async def reference(when: str) -> dict:
+        cpu0 = cpu_seconds()
+        run, _ = await engine_run(embedder, ref_texts, 32, 32, f"engine in process ({when})")
+        return {"tokens_per_s": ref_tokens / run.seconds, "cpu_us_per_text": (cpu_seconds() - cpu0) / len(ref_texts) * 1e6}
+
+    try:
+        print(f"== bulk: {n_texts:,} texts over one TEI EmbedStream through Envoy, between two runs of the engine in process on {n_reference:,} of them", flush=True)
+        before = await reference("before")
+        parties = {"server": stack.servers[0].pid, "Envoy": stack.envoy.pid, "client (the bench)": "self"}
+        cpu0 = {name: cpu_seconds(pid) for name, pid in parties.items()}
+        with progress_bar(n_texts, "EmbedStream") as bar:
+            secs, answers = await bulk_stream(stack.envoy_target, texts, bar=bar)
+        cpu = {name: (cpu_seconds(pid) - cpu0[name]) / max(answers, 1) * 1e6 for name, pid in parties.items()}
+        after = await reference("after")
+    finally:
+        registry.stop()
+        pool.shutdown()
+    tps = tokens / secs
+    engine_tps = (before["tokens_per_s"] + after["tokens_per_s"]) / 2
+    print(f"   {tps:,.0f} tokens/s, {answers:,} answers in {secs:.1f} s; engine in process beside it {before['tokens_per_s']:,.0f} before, "
+          f"{after['tokens_per_s']:,.0f} after: {tps / engine_tps:.0%}", flush=True)
+    print("   CPU per text: " + ", ".join(f"{k} {v:.0f} us" for k, v in cpu.items()) +
+          f"; the engine in process {(before['cpu_us_per_text'] + after['cpu_us_per_text']) / 2:.0f} us", flush=True)
+    return {"texts": n_texts, "answers": answers, "tokens": tokens, "seconds": secs, "tokens_per_s": tps,
+            "reference": {"texts": n_reference, "before": before, "after": after, "tokens_per_s": engine_tps}, "cpu_us_per_text": cpu}
 
 
 async def grpc_run(target, corpus, c, n, desc):
@@ -366,13 +406,7 @@ async def bench(args) -> int:
 
         bulk = None
         if args.bulk_texts:
-            bulk_corpus = [corpus[i % len(corpus)] for i in range(args.bulk_texts)]  # the corpus again and again (cache off)
-            bulk_tokens = int(np.resize(lengths, args.bulk_texts).sum())
-            print(f"== bulk: {len(bulk_corpus):,} texts over one TEI EmbedStream through Envoy", flush=True)
-            with progress_bar(len(bulk_corpus), "EmbedStream") as bar:
-                secs, answers = await bulk_stream(stack.envoy_target, bulk_corpus, bar=bar)
-            bulk = {"texts": len(bulk_corpus), "answers": answers, "tokens": bulk_tokens, "seconds": secs, "tokens_per_s": bulk_tokens / secs}
-            print(f"   {bulk['tokens_per_s']:,.0f} tokens/s, {answers:,} answers in {secs:.1f} s", flush=True)
+            bulk = await bulk_run(stack, corpus, lengths, args.bulk_texts, args.bulk_reference, mcfg, cfg.limits)
         server_rss = peak_rss_mib(server_pid)
 
     for row in rows:
@@ -410,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", default=str(ROOT / "bench" / "throughput.png"))
     p.add_argument("--stage-texts", type=int, default=200, help="new short texts timed on each layer (the stage table)")
     p.add_argument("--bulk-texts", type=int, default=100_000, help="texts streamed over one TEI EmbedStream (0: skip)")
+    p.add_argument("--bulk-reference", type=int, default=20_480, help="texts the engine in process embeds right before and after the stream, as its reference")
     p.add_argument("--no-long-docs", dest="long_docs", action="store_false", help="skip chunk-against-truncate on long documents")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak RSS of a server in each mode")
     p.add_argument("--peers", action="store_true", help="also run fastembed and Infinity on the same corpus (make bench PEERS=1)")

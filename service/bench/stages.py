@@ -146,6 +146,15 @@ async def one_text_clients(port: int, model: str, texts: list[str], clients: int
     return run.seconds, run.errors, run.latencies
 
 
+def cpu_seconds(pid: int | str = "self") -> float:
+    """CPU time (user + system, every thread) a process has used so far: what each party of a run costs the machine."""
+    import os
+
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def bulk_stream(target: str, texts: list[str], window: int = 2048, bar=None) -> tuple[float, int]:
     """Streams `texts` over one TEI EmbedStream call (one message each), `window` in flight: (seconds, answers).
 
