@@ -7,6 +7,7 @@ its cosine to fp32 stays ≥ 0.999 on every text; the default (auto) mode must s
 from __future__ import annotations
 
 import asyncio
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -88,3 +89,19 @@ def test_openvino_lone_inputs_on_static_shape_models_keep_cosine_0_9999(sample, 
         pytest.skip("the default mode here is not OpenVINO")
     got = embed_with(runtime, precision, picked, one_at_a_time=True)
     assert cosines(got, reference.encode(picked)).min() >= 0.9999
+
+
+def test_torch_bf16_bounds_onednns_primitive_cache_unless_the_operator_set_it(monkeypatch):
+    """oneDNN's default cache of 1,024 primitives took a served torch/bf16 process past the memory line (see
+    service/runtimes/pytorch.py); the runtime bounds it before its first forward pass, and an operator's value wins."""
+    from service.config import default_model_path
+    from service.runtimes.pytorch import ONEDNN_PRIMITIVE_CACHE, TorchRuntime
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    TorchRuntime(default_model_path(), "fp32")
+    assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in os.environ  # fp32 (694 MiB served) is under the line: left alone
+    TorchRuntime(default_model_path(), "bf16")
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(ONEDNN_PRIMITIVE_CACHE) == "16"
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "1024")
+    TorchRuntime(default_model_path(), "bf16")
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "1024"
