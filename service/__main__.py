@@ -50,6 +50,21 @@ def build_config(args: argparse.Namespace) -> config_mod.Config:
     return cfg.validate()
 
 
+def bound_runtime_caches(cfg: config_mod.Config) -> None:
+    """Process-wide runtime settings that must precede any model's load (runtimes.threads.bound_onednn_cache)."""
+    from .engine.models import resolve_mode
+    from .runtimes.threads import bound_onednn_cache
+
+    modes = []
+    for model in cfg.models:
+        if not model.provider:
+            try:
+                modes.append(resolve_mode(model))
+            except ValueError:  # the model's load reports it
+                pass
+    bound_onednn_cache(modes)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -63,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(cfg.to_dict(mask_secrets=True), sort_keys=False), end="")
         return 0
     logs.setup(cfg.server.log_level, cfg.server.log_format)
+    bound_runtime_caches(cfg)
     from .auth import KeysFileError
     from .server import serve
 

@@ -91,17 +91,72 @@ def test_openvino_lone_inputs_on_static_shape_models_keep_cosine_0_9999(sample, 
     assert cosines(got, reference.encode(picked)).min() >= 0.9999
 
 
-def test_torch_bf16_bounds_onednns_primitive_cache_unless_the_operator_set_it(monkeypatch):
-    """oneDNN's default cache of 1,024 primitives took a served torch/bf16 process past the memory line (see
-    service/runtimes/pytorch.py); the runtime bounds it before its first forward pass, and an operator's value wins."""
-    from service.config import default_model_path
-    from service.runtimes.pytorch import ONEDNN_PRIMITIVE_CACHE, TorchRuntime
 
-    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
-    TorchRuntime(default_model_path(), "fp32")
-    assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in os.environ  # fp32 (694 MiB served) is under the line: left alone
-    TorchRuntime(default_model_path(), "bf16")
-    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(ONEDNN_PRIMITIVE_CACHE) == "16"
-    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "1024")
-    TorchRuntime(default_model_path(), "bf16")
-    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "1024"
+def test_a_torch_bf16_server_bounds_onednns_primitive_cache_and_the_operators_value_wins():
+    from service.runtimes.threads import ONEDNN_PRIMITIVE_CACHE, bound_onednn_cache
+
+    env: dict[str, str] = {}
+    assert not bound_onednn_cache([("openvino", "bf16"), ("torch", "fp32")], env) and env == {}
+    assert bound_onednn_cache([("openvino", "bf16"), ("torch", "bf16")], env)
+    assert env == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": str(ONEDNN_PRIMITIVE_CACHE)} and ONEDNN_PRIMITIVE_CACHE == 16
+    for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY"):  # oneDNN reads either name
+        env = {name: "1024"}
+        assert not bound_onednn_cache([("torch", "bf16")], env) and env == {name: "1024"}
+
+
+def test_the_servers_start_bounds_the_cache_before_any_model_loads(monkeypatch):
+    """`python -m service` sets it from the configured models' modes, before serve() loads any of them."""
+    import service.__main__ as entry
+
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "x")  # so that teardown restores the variable's absence
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+    monkeypatch.delenv("DNNL_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    cfg = Config().validate()
+    cfg.models[0].runtime, cfg.models[0].precision = "openvino", "bf16"
+    entry.bound_runtime_caches(cfg)
+    assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in os.environ
+    cfg.models[0].runtime, cfg.models[0].precision = "torch", "bf16"
+    entry.bound_runtime_caches(cfg)
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "16"
+
+
+PROBE_CACHE = """
+import ctypes
+import os
+import numpy as np
+from service.config import default_model_path
+from service.engine.folder import read_folder
+from service.runtimes.threads import bound_onednn_cache
+bound_onednn_cache([("torch", "bf16")])
+from service.runtimes.pytorch import TorchRuntime
+rt = TorchRuntime(str(read_folder(default_model_path()).transformer_path), "bf16", 1)
+def run(width):
+    ids = np.full((2, width), 1000, dtype=np.int64)
+    rt.forward(ids, np.ones_like(ids), np.zeros_like(ids))
+run(16)
+for width in range(17, 31):  # 14 other shapes, ~4 new primitives each
+    run(width)
+ctypes.CDLL(None).fflush(None)  # oneDNN's lines go through C's stdout buffer; the marker after them
+os.write(1, b"=== the first shape again\\n")
+run(16)
+"""
+
+
+@pytest.mark.parametrize("operator_value, rebuilt", [(None, True), ("1024", False)])
+def test_the_bound_takes_effect_in_onednn(operator_value, rebuilt):
+    """What oneDNN itself reports (ONEDNN_VERBOSE): bounded, the first shape's primitives were evicted by the 14
+    shapes after it and are built again; with the operator's 1,024 they are all still cached."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY")}
+    env["ONEDNN_VERBOSE"] = "profile_create"
+    if operator_value:
+        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = operator_value
+    out = subprocess.run([sys.executable, "-c", PROBE_CACHE], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    assert out.returncode == 0, out.stderr[-2000:]
+    verbose = out.stdout
+    last = verbose[verbose.index("=== the first shape again"):]
+    assert "create:cache_hit" in last
+    assert ("create:cache_miss" in last) == rebuilt

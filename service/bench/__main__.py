@@ -169,42 +169,56 @@ async def engine_run(embedder, corpus, c, n, desc):
 
 async def bulk_run(stack, corpus, lengths, n_texts: int, n_reference: int, mcfg, limits) -> dict:
     """One client streaming `n_texts` over one TEI EmbedStream through Envoy, between two runs of the engine in process
-    (32 x 32, on the first `n_reference` of the same texts) as its reference.
+    (32 x 32, on the first `n_reference` of the same texts; 0: none) as its reference.
 
-    The reference is measured right beside the stream because this shared host drifts: the engine's 32 x 32 row of
-    the serving grid, taken ~20 minutes earlier, has measured 10-30% faster or slower than the same run taken now. The
-    CPU each party used (server, Envoy, this process as the client) says where a streamed text's cost goes."""
+    The reference is measured right beside the stream because this shared host drifts between runs minutes apart (the
+    report shows by how much: the serving grid's 32 x 32 row against this reference). The CPU each party used (the
+    server with its offload workers, Envoy, this process as the client) says where a streamed text's cost goes."""
+    from .load import server_pids
+
     texts = [corpus[i % len(corpus)] for i in range(n_texts)]  # the corpus again and again (cache off)
     tokens = int(np.resize(lengths, n_texts).sum())
-    ref_texts, ref_tokens = texts[:n_reference], int(np.resize(lengths, n_reference).sum())
-    embedder, registry, pool = await engine_session(mcfg, limits)
-    await engine_run(embedder, corpus[:256], 32, 32, "warm-up")
+    ref_texts = texts[: max(0, min(n_reference, n_texts))]
+    ref_tokens = int(np.resize(lengths, len(ref_texts)).sum())
+    print(f"== bulk: {n_texts:,} texts over one TEI EmbedStream through Envoy"
+          + (f", between two runs of the engine in process on {len(ref_texts):,} of them" if ref_texts else ""), flush=True)
+    session = await engine_session(mcfg, limits) if ref_texts else None
 
     async def reference(when: str) -> dict:
+        embedder = session[0]
         cpu0 = cpu_seconds()
         run, _ = await engine_run(embedder, ref_texts, 32, 32, f"engine in process ({when})")
-        return {"tokens_per_s": ref_tokens / run.seconds, "cpu_us_per_text": (cpu_seconds() - cpu0) / len(ref_texts) * 1e6}
+        if run.errors:
+            raise RuntimeError(f"the bulk stream's reference ({when}) failed {run.errors} requests")
+        return {"seconds": run.seconds, "tokens_per_s": ref_tokens / run.seconds, "cpu_us_per_text": (cpu_seconds() - cpu0) / len(ref_texts) * 1e6}
 
     try:
-        print(f"== bulk: {n_texts:,} texts over one TEI EmbedStream through Envoy, between two runs of the engine in process on {n_reference:,} of them", flush=True)
-        before = await reference("before")
-        parties = {"server": stack.servers[0].pid, "Envoy": stack.envoy.pid, "client (the bench)": "self"}
-        cpu0 = {name: cpu_seconds(pid) for name, pid in parties.items()}
+        if session:
+            await engine_run(session[0], corpus[:256], 32, 32, "warm-up")
+            before = await reference("before")
+        parties = {"server (and its offload workers)": server_pids(stack), "Envoy": [stack.envoy.pid], "client (the bench)": ["self"]}
+        cpu0 = {name: sum(cpu_seconds(p) for p in pids) for name, pids in parties.items()}
         with progress_bar(n_texts, "EmbedStream") as bar:
             secs, answers = await bulk_stream(stack.envoy_target, texts, bar=bar)
-        cpu = {name: (cpu_seconds(pid) - cpu0[name]) / max(answers, 1) * 1e6 for name, pid in parties.items()}
-        after = await reference("after")
+        cpu = {name: (sum(cpu_seconds(p) for p in pids) - cpu0[name]) / max(answers, 1) * 1e6 for name, pids in parties.items()}
+        if session:
+            after = await reference("after")
     finally:
-        registry.stop()
-        pool.shutdown()
+        if session:
+            session[1].stop()
+            session[2].shutdown()
     tps = tokens / secs
-    engine_tps = (before["tokens_per_s"] + after["tokens_per_s"]) / 2
-    print(f"   {tps:,.0f} tokens/s, {answers:,} answers in {secs:.1f} s; engine in process beside it {before['tokens_per_s']:,.0f} before, "
-          f"{after['tokens_per_s']:,.0f} after: {tps / engine_tps:.0%}", flush=True)
-    print("   CPU per text: " + ", ".join(f"{k} {v:.0f} us" for k, v in cpu.items()) +
-          f"; the engine in process {(before['cpu_us_per_text'] + after['cpu_us_per_text']) / 2:.0f} us", flush=True)
-    return {"texts": n_texts, "answers": answers, "tokens": tokens, "seconds": secs, "tokens_per_s": tps,
-            "reference": {"texts": n_reference, "before": before, "after": after, "tokens_per_s": engine_tps}, "cpu_us_per_text": cpu}
+    out = {"texts": n_texts, "answers": answers, "tokens": tokens, "seconds": secs, "tokens_per_s": tps, "cpu_us_per_text": cpu}
+    print(f"   {tps:,.0f} tokens/s, {answers:,} answers in {secs:.1f} s", flush=True)
+    print("   CPU per text: " + ", ".join(f"{k} {v:.0f} us" for k, v in cpu.items()), flush=True)
+    if session:
+        # Both runs embed the same tokens: their combined rate is the tokens over their total time.
+        engine_tps = 2 * ref_tokens / (before["seconds"] + after["seconds"])
+        out["reference"] = {"texts": len(ref_texts), "before": before, "after": after, "tokens_per_s": engine_tps}
+        print(f"   engine in process beside it: {before['tokens_per_s']:,.0f} before, {after['tokens_per_s']:,.0f} after tokens/s; "
+              f"the stream {tps / engine_tps:.0%} of them; the engine's CPU per text "
+              f"{(before['cpu_us_per_text'] + after['cpu_us_per_text']) / 2:.0f} us", flush=True)
+    return out
 
 
 async def grpc_run(target, corpus, c, n, desc):
@@ -406,7 +420,10 @@ async def bench(args) -> int:
 
         bulk = None
         if args.bulk_texts:
-            bulk = await bulk_run(stack, corpus, lengths, args.bulk_texts, args.bulk_reference, mcfg, cfg.limits)
+            try:
+                bulk = await bulk_run(stack, corpus, lengths, args.bulk_texts, args.bulk_reference, mcfg, cfg.limits)
+            except Exception as e:  # noqa: BLE001 - reported, and the rest of the run still written
+                print(f"   bulk: failed ({type(e).__name__}: {e})", flush=True)
         server_rss = peak_rss_mib(server_pid)
 
     for row in rows:

@@ -179,11 +179,15 @@ async def bulk_stream(target: str, texts: list[str], window: int = 2048, bar=Non
 
         t0 = time.perf_counter()
         task = asyncio.create_task(writer())
-        async for _ in call:
-            answers += 1
-            sent.release()
-            if bar is not None:
-                bar.update(1)
-        await task
+        try:
+            async for _ in call:
+                answers += 1
+                sent.release()
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            task.cancel()  # done if every text went; else its texts have no one to answer them
         seconds = time.perf_counter() - t0
+        if answers != len(texts):
+            raise RuntimeError(f"the stream ended after {answers:,} of {len(texts):,} answers")
     return seconds, answers
