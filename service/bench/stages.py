@@ -187,7 +187,9 @@ async def bulk_stream(target: str, texts: list[str], window: int = 2048, bar=Non
                     bar.update(1)
         finally:
             task.cancel()  # done if every text went; else its texts have no one to answer them
+            (writer,) = await asyncio.gather(task, return_exceptions=True)
         seconds = time.perf_counter() - t0
         if answers != len(texts):
-            raise RuntimeError(f"the stream ended after {answers:,} of {len(texts):,} answers")
+            why = f" (writing failed: {writer!r})" if isinstance(writer, Exception) else ""
+            raise RuntimeError(f"the stream ended after {answers:,} of {len(texts):,} answers{why}")
     return seconds, answers
