@@ -9,11 +9,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -28,10 +30,40 @@ from .config import Config
 ROOT = Path(__file__).resolve().parents[1]
 
 
+_LISTEN_PORTS = range(20000, 32768)  # under Linux's default ephemeral range (32768-60999), over the common fixed ports
+_handed_out: set[int] = set()
+_handed_out_lock = threading.Lock()
+
+
+def _ephemeral_range() -> range:
+    try:
+        low, high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port to hand to a process that binds it later (a server, Envoy): free now, never handed out before by this
+    process, and outside the kernel's ephemeral range. A port the kernel picked for bind(0) lies inside that range,
+    where any outgoing connection on the machine may take it in the seconds before the listener binds (CI saw Envoy
+    exit with `cannot bind 127.0.0.1:56789: Address already in use`); outside it only an explicit bind competes."""
+    ephemeral = _ephemeral_range()
+    candidates = [p for p in _LISTEN_PORTS if p not in ephemeral]
+    with _handed_out_lock:
+        for port in random.sample(candidates, min(len(candidates), 200)):
+            if port in _handed_out:
+                continue
+            with socket.socket() as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
+            return port
+        with socket.socket() as s:  # a machine whose ephemeral range covers ours: the kernel's pick, as before
+            s.bind((host, 0))
+            return s.getsockname()[1]
 
 
 def envoy_binary() -> str:

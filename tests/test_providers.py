@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import http.server
 import json
-import socket
 import threading
 import time
 
@@ -22,7 +21,7 @@ import requests
 from ai.inworld.embedding.v1alpha import embedding_service_pb2 as pb
 from ai.inworld.embedding.v1alpha import embedding_service_pb2_grpc as pb_grpc
 from service.config import Config, ModelConfig, ProviderConfig
-from service.launch import Stack
+from service.launch import Stack, free_port
 
 from .conftest import stack_config
 
@@ -123,9 +122,7 @@ def test_the_upstream_key_never_leaks(front):
 
 
 def test_upstream_down_is_unavailable(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed = s.getsockname()[1]
+    closed = free_port()  # never handed out again, outside the ephemeral range: nothing listens there
     with Stack(front_config(f"http://127.0.0.1:{closed}/v1", max_retries=1), log_dir=tmp_path) as s:
         r = requests.post(s.http_url + "/v1/embeddings", json={"input": "x", "model": "remote/minilm"}, timeout=30)
         assert r.status_code == 503, r.text

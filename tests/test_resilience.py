@@ -220,6 +220,20 @@ def test_a_start_that_fails_after_spawning_leaves_no_process(tmp_path, monkeypat
     assert all(p.poll() is not None for p in spawned)
 
 
+def test_ports_handed_to_later_listeners_are_outside_the_ephemeral_range():
+    """A port picked now and bound seconds later by a server or Envoy must not be one the kernel may give an outgoing
+    connection meanwhile (CI lost a run to `cannot bind 127.0.0.1:56789: Address already in use`); nor may two stacks
+    of one process be handed the same port before either binds it."""
+    import socket
+
+    low, high = (int(v) for v in open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
+    assert not [p for p in ports if low <= p <= high]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports[-1]))  # and it was free
+
+
 def test_readiness_follows_the_servers_health_not_only_its_drain(tmp_path):
     """Envoy's readiness listener is 200 only while the local server is SERVING: a server up but without its model
     (here: a lazy default model, not loaded until asked for) keeps the pod out of the Service; the listener answers

@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 
 from ..config import default_model_path  # noqa: E402
+from ..launch import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNNERS = Path(__file__).with_name("peers")
@@ -231,12 +231,6 @@ def infinity_peer(out: PeerResults, corpus, tokens, reference, base_tps, short_t
 # -- Infinity's REST server, driven by our own load generator ----------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _decode(payload: bytes) -> np.ndarray:
     data = json.loads(payload)["data"]
     return np.stack([np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in sorted(data, key=lambda d: d["index"])])
@@ -251,7 +245,7 @@ async def infinity_rest(out: PeerResults, corpus, tokens, reference, base_tps, s
     cli = python.parent / "infinity_emb"
     for label in labels:
         mode = _infinity_mode(label)
-        port = _free_port()
+        port = free_port()
         cmd = [str(cli), "v2", "--model-id", mode["model"], "--served-model-name", SERVED_NAME, "--engine", mode["engine"],
                "--device", "cpu", "--batch-size", "32", "--no-model-warmup", "--no-vector-disk-cache",
                "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
