@@ -169,8 +169,10 @@ class Stack:
         envoy_yaml = Path(self._tmp.name) / "envoy.yaml"
         envoy_yaml.write_text(envoy.dump(envoy.render(self.config, [("127.0.0.1", p) for p in self.server_ports])))
         envoy_log = open(self.log_dir / "envoy.log", "ab")
+        # No hot restart (as in the pod): nothing restarts this Envoy in place, and with it on every Envoy left a file
+        # in /dev/shm and needed a --base-id no other Envoy on the machine used.
         self.envoy = subprocess.Popen(
-            [envoy_binary(), "-c", str(envoy_yaml), "--log-level", "warn", "--base-id", str(self.config.envoy.admin_port)],
+            [envoy_binary(), "-c", str(envoy_yaml), "--log-level", "warn", "--disable-hot-restart"],
             stdout=envoy_log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,

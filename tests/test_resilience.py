@@ -32,6 +32,13 @@ def tight(tmp_path_factory):
         yield s
 
 
+def test_a_stacks_envoy_shares_no_memory_with_other_envoys(tight):
+    """Hot restart is off, as in the pod: its shared memory outlived every Envoy in /dev/shm, and its --base-id had to
+    differ from every other Envoy's on the machine."""
+    maps = open(f"/proc/{tight.envoy.pid}/maps").read()
+    assert "/dev/shm/" not in maps
+
+
 def test_overload_is_a_fast_429_with_retry_after_in_each_dialect(tight):
     def openai(i):
         t0 = time.perf_counter()
