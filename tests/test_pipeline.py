@@ -175,3 +175,46 @@ async def test_tokenize_and_decode_hold_a_place_among_the_concurrent_requests(re
         assert embedder.inflight == 0
         assert (await tokenization.decode(embedder, "", [[101, 7592, 102]]))[1] == ["hello"]
         assert embedder.inflight == 0
+
+
+async def test_callers_waiting_for_a_model_to_load_hold_no_place(monkeypatch):
+    """A flood of callers naming a model that is still loading waits without taking the places of requests being
+    worked on: the model already loaded keeps serving (before, every place was held by a waiter and it answered 429).
+    Waiters past `max_concurrent_requests` are told when to come back; the rest wake when the load ends."""
+    import threading
+
+    from service.config import ModelConfig
+    from service.engine import models
+
+    cfg = Config().validate()
+    cfg.models[0].precision = "fp32"
+    cfg.models.append(ModelConfig(id="slow/minilm", load="lazy", precision="fp32"))
+    cfg.limits.max_concurrent_requests = 4
+    loading = threading.Event()  # the lazy model's load stays in progress until this is set
+    real_load = models.load_model
+
+    def held_load(config, *args, **kwargs):
+        if config.id == "slow/minilm":
+            loading.wait(60)
+        return real_load(config, *args, **kwargs)
+
+    monkeypatch.setattr(models, "load_model", held_load)
+    registry = ModelRegistry(cfg.models, cfg.limits)
+    registry.load_now()
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            embedder = Embedder(registry, cfg.limits, EmbeddingCache(0), pool)
+            waiting = [asyncio.ensure_future(embedder.embed(EmbedRequest(inputs=[f"waits {i}"], model="slow/minilm"))) for i in range(4)]
+            await asyncio.sleep(0.3)
+            assert registry.state("slow/minilm") == "loading" and not any(w.done() for w in waiting)
+            served = await asyncio.gather(*[embedder.embed(EmbedRequest(inputs=[f"served {i}"], use_cache=False)) for i in range(4)])
+            assert [r.vectors.shape for r in served] == [(1, 384)] * 4
+            with pytest.raises(errors.ServiceError) as refused:
+                await embedder.embed(EmbedRequest(inputs=["one waiter too many"], model="slow/minilm"))
+            assert refused.value.reason == "MODEL_LOADING" and refused.value.retry_after >= 1
+            loading.set()
+            woken = await asyncio.wait_for(asyncio.gather(*waiting), 60)
+            assert [r.model for r in woken] == ["slow/minilm"] * 4 and embedder.inflight == 0
+    finally:
+        loading.set()
+        registry.stop()

@@ -177,6 +177,13 @@ class _Slot:
     error: str = ""
     started_at: float = 0.0
     ready: threading.Event = field(default_factory=threading.Event)
+    # Callers waiting for this load to settle: (their event loop, the future the loader thread resolves).
+    waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = field(default_factory=list)
+
+
+def _wake(woken: asyncio.Future) -> None:
+    if not woken.done():  # a waiter that timed out or went away meanwhile
+        woken.set_result(None)
 
 
 class ModelRegistry:
@@ -212,6 +219,7 @@ class ModelRegistry:
         self._estimate = self.DEFAULT_LOAD_ESTIMATE
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._waiting = 0  # callers in `_wait_loaded`, on the event loop
 
     # -- lookup ---------------------------------------------------------------------------------
 
@@ -268,15 +276,46 @@ class ModelRegistry:
             )
         if not wait:
             raise errors.model_loading(slot.config.id, self._remaining(slot))
-        # Polling keeps the wait cancellable (a caller that goes away stops waiting) and costs nothing here.
-        end = None if timeout is None else time.monotonic() + timeout
-        while not slot.ready.is_set():
-            if end is not None and time.monotonic() >= end:
-                raise errors.model_loading(slot.config.id, self._remaining(slot))
-            await asyncio.sleep(0.05)
+        await self._wait_loaded(slot, timeout)
         if slot.model is None:  # loading failed
             return await self.get(name, wait=False)
         return slot.model
+
+    async def _wait_loaded(self, slot: _Slot, timeout: float | None) -> None:
+        """Until `slot`'s load settles (loaded or failed), at most `timeout` seconds. The loader thread wakes every
+        waiter at once: a thousand callers waiting on a load cost the event loop nothing (each polled it 20 times a
+        second before). At most `limits.max_concurrent_requests` callers wait at once (they hold no place of the
+        requests being worked on: a flood naming a loading model must not starve the loaded ones); the rest are told
+        when to come back, as a caller that asked not to wait is."""
+        if self._waiting >= self.limits.max_concurrent_requests:
+            raise errors.model_loading(slot.config.id, self._remaining(slot))
+        loop = asyncio.get_running_loop()
+        woken = loop.create_future()
+        with self._lock:
+            if slot.ready.is_set():
+                return
+            slot.waiters.append((loop, woken))
+        self._waiting += 1
+        try:
+            await asyncio.wait_for(woken, timeout)
+        except asyncio.TimeoutError:
+            raise errors.model_loading(slot.config.id, self._remaining(slot)) from None
+        finally:
+            self._waiting -= 1
+            with self._lock:
+                if (loop, woken) in slot.waiters:
+                    slot.waiters.remove((loop, woken))
+
+    def _settle(self, slot: _Slot) -> None:
+        """The load of `slot` ended (its model or its failure is in place): wakes whoever waits for it."""
+        with self._lock:
+            slot.ready.set()
+            waiters, slot.waiters = slot.waiters, []
+        for loop, woken in waiters:
+            try:
+                loop.call_soon_threadsafe(_wake, woken)
+            except RuntimeError:  # its loop closed meanwhile (the server is stopping)
+                pass
 
     def _remaining(self, slot: _Slot) -> float:
         ahead = sum(1 for s in self._slots.values() if s.state == "pending" and s is not slot)
@@ -298,7 +337,7 @@ class ModelRegistry:
         for slot in self._slots.values():
             if slot.config.provider:  # nothing to load: served as soon as we are
                 slot.state = "ready"
-                slot.ready.set()
+                self._settle(slot)
                 if self._on_ready:
                     self._on_ready(RemoteModel(slot.config, None, slot.config.upstream_model or slot.config.id))
             elif slot.config.load == "startup":
@@ -333,11 +372,11 @@ class ModelRegistry:
         except Exception as exc:
             slot.state, slot.error = "failed", f"{type(exc).__name__}: {exc}"
             log.error("model failed to load", extra={"model": slot.config.id, "error": slot.error})
-            slot.ready.set()
+            self._settle(slot)
             return
         self._estimate = model.load_seconds
         slot.model, slot.state = model, "ready"
-        slot.ready.set()
+        self._settle(slot)
         if self._on_ready:
             self._on_ready(model)
 

@@ -105,8 +105,21 @@ class Embedder:
         self.inflight = 0
 
     async def embed(self, req: EmbedRequest) -> EmbedResult:
+        started = time.perf_counter()
+        if req.deadline is None:
+            req.deadline = time.monotonic() + self.limits.request_timeout_seconds
+        self._validate(req)
+        model = None
+        if not req.provider:
+            # Before taking a place: a caller waiting for its model to load is not worked on, and a flood of callers
+            # naming a model still loading would otherwise take every place from the models already serving.
+            model = await self.registry.get(req.model, wait=req.wait_for_model, timeout=max(0.0, req.deadline - time.monotonic()))
         with self.admitted():
-            return await self._embed(req)
+            if model is None:
+                return await self._forward(req, *self._provider_route(req), started)
+            if isinstance(model, RemoteModel):
+                return await self._forward(req, model.provider, model.upstream_model, started, label=model.id)
+            return await self._embed(req, model, started)
 
     @contextlib.contextmanager
     def admitted(self):
@@ -121,16 +134,7 @@ class Embedder:
         finally:
             self.inflight -= 1
 
-    async def _embed(self, req: EmbedRequest) -> EmbedResult:
-        started = time.perf_counter()
-        if req.deadline is None:
-            req.deadline = time.monotonic() + self.limits.request_timeout_seconds
-        self._validate(req)
-        if req.provider:
-            return await self._forward(req, *self._provider_route(req), started)
-        model = await self.registry.get(req.model, wait=req.wait_for_model, timeout=max(0.0, req.deadline - time.monotonic()))
-        if isinstance(model, RemoteModel):
-            return await self._forward(req, model.provider, model.upstream_model, started, label=model.id)
+    async def _embed(self, req: EmbedRequest, model: ServedModel, started: float) -> EmbedResult:
         self._validate_options(req, model)
         self._refuse_sure_failures(model, req)
         # Refuse a flood before paying to tokenize it (an estimate; the exact count is checked again below).
