@@ -149,6 +149,10 @@ def test_the_bound_takes_effect_in_onednn(operator_value, rebuilt):
     import subprocess
     import sys
 
+    from service.engine.models import cpu_has_bf16
+
+    if not cpu_has_bf16():  # torch runs bf16 matmuls through oneDNN only on CPUs with bf16 units (AVX512-BF16, AMX)
+        pytest.skip("this CPU has no bf16 units: oneDNN builds no bf16 primitives, so there is no cache to bound")
     env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY")}
     env["ONEDNN_VERBOSE"] = "profile_create"
     if operator_value:
@@ -160,3 +164,29 @@ def test_the_bound_takes_effect_in_onednn(operator_value, rebuilt):
     last = verbose[verbose.index("=== the first shape again"):]
     assert "create:cache_hit" in last
     assert ("create:cache_miss" in last) == rebuilt
+
+
+def test_an_export_is_found_by_content_in_any_cache_folder_and_made_in_the_first(tmp_path, monkeypatch):
+    """The image bakes the default model's export at build time and runs without torch: the export must be found
+    whatever path the model folder has and whatever its files' times (a copy, another machine), in any of the cache
+    folders $EMBED_CACHE_DIR lists (a writable one in front of the image's read-only one), and a changed model is
+    never taken for the exported one."""
+    import shutil
+
+    from service.config import default_model_path
+    from service.runtimes import export
+
+    folder = default_model_path()
+    copy = tmp_path / "copied-model"
+    shutil.copytree(folder, copy, copy_function=shutil.copy)  # new path, new mtimes
+    key = export._key(folder)
+    assert export._key(str(copy)) == key
+    writable, baked = tmp_path / "writable", tmp_path / "baked"
+    (baked / "onnx" / key).mkdir(parents=True)
+    (baked / "onnx" / key / "model.onnx").write_bytes(b"stand-in")
+    monkeypatch.setenv("EMBED_CACHE_DIR", f"{writable}:{baked}")
+    assert export.onnx_model(str(copy)) == baked / "onnx" / key / "model.onnx"  # found: no export made
+    assert not writable.exists()
+    (copy / "config.json").write_text((copy / "config.json").read_text().replace("}", ', "changed": 1}', 1))
+    assert export._key(str(copy)) != key
+    assert export._target(str(copy)).parent.parent.parent == writable  # a changed model: a new export, in the first

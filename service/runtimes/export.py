@@ -1,13 +1,15 @@
 """ONNX export of a model folder's transformer, at first use, cached on disk.
 
-The ONNX Runtime and OpenVINO runtimes both read this file. The cache key covers the folder, its
-weights (size and mtime) and the torch version, so a changed model is exported again; files are written
-to a temporary name and renamed, so concurrent servers never read a half-written model.
+The ONNX Runtime and OpenVINO runtimes both read this file. The cache key covers the folder's files (names, sizes
+and content samples) and the export's format, so a changed model is exported again, and an export made elsewhere
+serves the same files anywhere; files are written to a temporary name and renamed, so concurrent servers never read
+a half-written model.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 import subprocess
@@ -20,25 +22,49 @@ log = logging.getLogger(__name__)
 INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
 
 
+def cache_dirs() -> list[Path]:
+    """$EMBED_CACHE_DIR: one folder, or several separated by `:` (searched in order; new exports go to the first),
+    so that a writable cache can sit in front of a read-only one (the image's baked export)."""
+    value = os.environ.get("EMBED_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "embedding-service")
+    return [Path(p) for p in value.split(":") if p] or [Path(value)]
+
+
 def cache_dir() -> Path:
-    base = os.environ.get("EMBED_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "embedding-service")
-    return Path(base)
+    """Where new exports are written."""
+    return cache_dirs()[0]
+
+
+# The export's own version: bumped when what `export` writes changes (opset, inputs, attention), so that cached
+# exports are made again. Not torch's version: a runtime without torch (the image) must find the export its build made.
+EXPORT_FORMAT = "1"
+
+
+SAMPLE = 1 << 20
 
 
 def _key(folder: str) -> str:
-    from importlib.metadata import version  # not `import torch`: the serving process never loads it
-
-    h = hashlib.sha256(str(Path(folder).resolve()).encode())
+    """The folder's files by name, size and content (their first and last MiB), not by path or time: an export made
+    on one machine (with torch) serves the same model copied anywhere else, a container included."""
+    h = hashlib.sha256(f"export format {EXPORT_FORMAT}".encode())
     for f in sorted(Path(folder).glob("*")):
         if f.is_file():
-            st = f.stat()
-            h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
-    h.update(version("torch").encode())
+            size = f.stat().st_size
+            h.update(f"{f.name}:{size}:".encode())
+            with open(f, "rb") as fh:
+                h.update(fh.read(SAMPLE))
+                if size > 2 * SAMPLE:
+                    fh.seek(-SAMPLE, os.SEEK_END)
+                    h.update(fh.read(SAMPLE))
     return h.hexdigest()[:16]
 
 
 def _target(folder: str) -> Path:
-    return cache_dir() / "onnx" / _key(folder) / "model.onnx"
+    """The export of `folder`: the first cache folder that holds it, else where a new one goes."""
+    key = _key(folder)
+    for d in cache_dirs():
+        if (d / "onnx" / key / "model.onnx").exists():
+            return d / "onnx" / key / "model.onnx"
+    return cache_dir() / "onnx" / key / "model.onnx"
 
 
 def onnx_model(folder: str) -> Path:
@@ -49,6 +75,12 @@ def onnx_model(folder: str) -> Path:
     target = _target(folder)
     if target.exists():
         return target
+    if importlib.util.find_spec("torch") is None:
+        raise RuntimeError(
+            f"{folder} has no ONNX export in {':'.join(map(str, cache_dirs()))}, and making one needs torch, which is not installed (the "
+            "image ships without it): export it where torch is installed (EMBED_CACHE_DIR=DIR python -m "
+            "service.runtimes.export FOLDER) and give this process that DIR as its EMBED_CACHE_DIR"
+        )
     log.info("exporting to ONNX (first use of this model with an ONNX-based runtime)", extra={"folder": folder, "target": str(target)})
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "service.runtimes.export", folder], capture_output=True, text=True)
