@@ -40,13 +40,7 @@ def build_config(args: argparse.Namespace) -> config_mod.Config:
     if args.log_format:
         cfg.server.log_format = args.log_format
     if args.model:
-        models = []
-        for i, spec in enumerate(args.model):
-            model_id, sep, path = spec.partition("=")
-            if not sep or not model_id:
-                raise config_mod.ConfigError(f"--model {spec!r}: expected ID=PATH")
-            models.append(config_mod.ModelConfig(id=model_id, path=path, default=i == 0))
-        cfg.models = models
+        cfg.models = config_mod.models_from_specs(args.model)
     return cfg.validate()
 
 
@@ -77,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(cfg.to_dict(mask_secrets=True), sort_keys=False), end="")
         return 0
+    return run_server(cfg)
+
+
+def run_server(cfg: config_mod.Config) -> int:
+    """Serves until SIGTERM or SIGINT, then drains (server.grace_seconds)."""
     logs.setup(cfg.server.log_level, cfg.server.log_format)
     bound_runtime_caches(cfg)
     from .auth import KeysFileError

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,8 +92,8 @@ class ServerConfig:
     grpc_port: int = 50051
     # Serve Prometheus metrics on their own port.
     metrics: bool = True
-    # Port of /metrics (0: a free one).
-    metrics_port: int = 9000
+    # Port of the server's own /metrics, on server.host (0: a free one). Behind Envoy, scrapers use envoy.metrics_port.
+    metrics_port: int = 9101
     # Threads of the runtime's forward pass; 0 means one per CPU the process may use (its cgroup CPU quota, rounded
     # up, within its affinity).
     inference_threads: int = 0
@@ -139,8 +140,12 @@ class EnvoyConfig:
     # Serve Envoy's readiness listener (on listen_host): it answers only GET /ready, 200 while the local server is
     # healthy and Envoy is not draining. What the kubelet probes, instead of the (loopback-only) admin interface.
     readiness: bool = True
-    # Port of the readiness listener.
+    # Port of the readiness listener. It also passes gRPC health checks (`grpc.health.v1.Health/Check`) to the server,
+    # for the kubelet's probes of a server that listens on loopback.
     readiness_port: int = 9902
+    # Port of Envoy's metrics listener (on listen_host): GET /metrics is the server's, GET /stats/prometheus Envoy's
+    # own, behind Envoy's connection and rate limits. 0: none (scrape server.metrics_port directly).
+    metrics_port: int = 9000
     # Times Envoy tries a request again on another replica, only when that replica could not answer it (connection
     # failures, or the server marked it: draining, model loading); never for an upstream provider's failure.
     retries: int = 2
@@ -322,7 +327,7 @@ class Config:
             raise ConfigError(f"tracing.sample_ratio: must be between 0 and 1, not {self.tracing.sample_ratio}")
         for key in ("grpc_port", "metrics_port"):
             _check_port(f"server.{key}", getattr(self.server, key))
-        for key in ("listen_port", "admin_port", "readiness_port"):
+        for key in ("listen_port", "admin_port", "readiness_port", "metrics_port"):
             _check_port(f"envoy.{key}", getattr(self.envoy, key))
         if self.server.log_format not in ("json", "text"):
             raise ConfigError(f"server.log_format: {self.server.log_format!r} is not one of json, text")
@@ -361,6 +366,32 @@ class Config:
         return self
 
 
+def yaml_position(e: yaml.YAMLError) -> str:
+    """Where YAML text is broken, without PyYAML's own message: that quotes the offending line, which can hold a
+    secret (a provider's `api_key`)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or ""
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    # The problem names a token kind ("mapping values are not allowed here"), never the text; a quoted character is
+    # dropped all the same.
+    return where + (f" ({problem.split(chr(39))[0].strip()})" if problem else "")
+
+
+def _secret(path: str) -> bool:
+    return path.rsplit(".", 1)[-1].endswith(("key", "secret", "token", "password"))
+
+
+def models_from_specs(specs: list[str]) -> list[ModelConfig]:
+    """`--model ID=PATH` flags: the models to serve, the first the default."""
+    models = []
+    for i, spec in enumerate(specs):
+        model_id, sep, path = spec.partition("=")
+        if not sep or not model_id or not path:
+            raise ConfigError(f"--model {spec!r}: expected ID=PATH (a sentence-transformers folder)")
+        models.append(ModelConfig(id=model_id, path=path, default=i == 0))
+    return models
+
+
 def _check_port(key: str, port: int) -> None:
     if not 0 <= port <= 65535:
         raise ConfigError(f"{key}: {port} is not a TCP port")
@@ -390,7 +421,7 @@ def _coerce(f: dataclasses.Field, value: Any, path: str) -> Any:
             try:
                 value = yaml.safe_load(value)
             except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: not valid YAML ({e})") from None
+                raise ConfigError(f"{path}: not valid YAML{yaml_position(e)}") from None
         if not isinstance(value, list):
             raise ConfigError(f"{path}: expected a list of {f.name}")
         return [_build(cls, v, f"{path}[{i}]") for i, v in enumerate(value)]
@@ -434,7 +465,8 @@ def _scalar(default: Any, value: Any, path: str) -> Any:
                 raise ValueError(value)
             return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{path}: {value!r} is not a valid {kind.__name__}") from None
+        shown = "this value" if _secret(path) else repr(value)
+        raise ConfigError(f"{path}: {shown} is not a valid {kind.__name__}") from None
     return value
 
 
@@ -443,11 +475,12 @@ def load(path: str | os.PathLike | None = None, env: dict[str, str] | None = Non
     data: dict[str, Any] = {}
     if path:
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
+            # "-": the text on standard input (how `service.run` hands its servers their configuration: no file written).
+            loaded = yaml.safe_load(sys.stdin.read() if str(path) == "-" else Path(path).read_text())
         except OSError as e:
             raise ConfigError(f"config file {path}: {e.strerror}") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path}: not valid YAML: {e}") from None
+            raise ConfigError(f"config file {path}: not valid YAML{yaml_position(e)}") from None
         data = loaded or {}
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path}: expected a mapping at the top level")

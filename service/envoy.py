@@ -157,11 +157,19 @@ def local_reply_config(served: tuple[dialects.Dialect, ...]) -> dict[str, Any]:
     return {"mappers": mappers}
 
 
-def render(config: Config, upstreams: list[tuple[str, int]] | None = None, descriptor: Path | str = DESCRIPTOR) -> dict[str, Any]:
-    """The Envoy bootstrap for `config`, forwarding to `upstreams` (default: the configured gRPC server)."""
+def _local(host: str) -> str:
+    return host if host not in ("0.0.0.0", "::") else "127.0.0.1"
+
+
+def render(config: Config, upstreams: list[tuple[str, int]] | None = None, descriptor: Path | str = DESCRIPTOR,
+           metrics_upstream: tuple[str, int] | None = None) -> dict[str, Any]:
+    """The Envoy bootstrap for `config`, forwarding to `upstreams` (default: the configured gRPC server) and serving
+    `metrics_upstream`'s /metrics (default: the configured server's; none when there are several servers)."""
     env = config.envoy
     served = dialects.enabled(config)
-    upstreams = upstreams or [(config.server.host if config.server.host not in ("0.0.0.0", "::") else "127.0.0.1", config.server.grpc_port)]
+    upstreams = upstreams or [(_local(config.server.host), config.server.grpc_port)]
+    if metrics_upstream is None and len(upstreams) == 1 and config.server.metrics:
+        metrics_upstream = (_local(config.server.host), config.server.metrics_port)
     timeout = f"{env.route_timeout_seconds:g}s"
     host = listen_host(config)
     rest_route = {
@@ -289,59 +297,66 @@ def render(config: Config, upstreams: list[tuple[str, int]] | None = None, descr
             "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
         }
     ]
+    clusters = [grpc_cluster(upstreams)]
     if env.readiness:
         listeners.append(readiness_listener(host, env.readiness_port, len(upstreams)))
+    if env.metrics_port and metrics_upstream is not None:
+        listeners.append(metrics_listener(host, env.metrics_port))
+        clusters += [metrics_cluster("server_metrics", *metrics_upstream), metrics_cluster("envoy_admin", "127.0.0.1", env.admin_port)]
     return {
         "overload_manager": overload_manager(env.max_heap_bytes, env.max_connections),
         # Never beyond loopback: the admin interface can stop Envoy. Probes use the readiness listener.
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": env.admin_port}}},
         "static_resources": {
             "listeners": listeners,
-            "clusters": [
-                {
-                    "name": "embedding_grpc",
-                    "type": "STATIC",
-                    "connect_timeout": "1s",
-                    # Fewest outstanding requests: a replica busy with a big batch gets less new work.
-                    "lb_policy": "LEAST_REQUEST",
-                    # The server's own gRPC health: NOT_SERVING while its model loads or while it drains.
-                    "health_checks": [
-                        {
-                            "timeout": "1s",
-                            "interval": "2s",
-                            # Also before the cluster's first request (default 60 s): readiness follows the server at once.
-                            "no_traffic_interval": "2s",
-                            "unhealthy_threshold": 1,
-                            "healthy_threshold": 1,
-                            "grpc_health_check": {},
-                        }
-                    ],
-                    # Envoy allows 3 concurrent retries per cluster by default: when a replica dies under load,
-                    # every request it held is retried at once, so allow a retry for each request in flight.
-                    "circuit_breakers": {"thresholds": [{"priority": "DEFAULT", "max_retries": 1024, "max_requests": 4096, "max_pending_requests": 4096}]},
-                    "outlier_detection": {
-                        # Connection failures (a replica that died) eject it at once, before its health check fails.
-                        "split_external_local_origin_errors": True,
-                        "consecutive_local_origin_failure": 2,
-                        "consecutive_5xx": 5,
-                        "consecutive_gateway_failure": 2,
-                        "interval": "5s",
-                        "base_ejection_time": "10s",
-                        "max_ejection_percent": 50,
-                    },
-                    "typed_extension_protocol_options": {
-                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                            "explicit_http_config": {"http2_protocol_options": {}},
-                        }
-                    },
-                    "load_assignment": {
-                        "cluster_name": "embedding_grpc",
-                        "endpoints": [
-                            {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": h, "port_value": p}}}} for h, p in upstreams]}
-                        ],
-                    },
-                }
+            "clusters": clusters,
+        },
+    }
+
+
+def grpc_cluster(upstreams: list[tuple[str, int]]) -> dict[str, Any]:
+    """The gRPC servers, health-checked by their own gRPC health service."""
+    return {
+        "name": "embedding_grpc",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        # Fewest outstanding requests: a replica busy with a big batch gets less new work.
+        "lb_policy": "LEAST_REQUEST",
+        # The server's own gRPC health: NOT_SERVING while its model loads or while it drains.
+        "health_checks": [
+            {
+                "timeout": "1s",
+                "interval": "2s",
+                # Also before the cluster's first request (default 60 s): readiness follows the server at once.
+                "no_traffic_interval": "2s",
+                "unhealthy_threshold": 1,
+                "healthy_threshold": 1,
+                "grpc_health_check": {},
+            }
+        ],
+        # Envoy allows 3 concurrent retries per cluster by default: when a replica dies under load,
+        # every request it held is retried at once, so allow a retry for each request in flight.
+        "circuit_breakers": {"thresholds": [{"priority": "DEFAULT", "max_retries": 1024, "max_requests": 4096, "max_pending_requests": 4096}]},
+        "outlier_detection": {
+            # Connection failures (a replica that died) eject it at once, before its health check fails.
+            "split_external_local_origin_errors": True,
+            "consecutive_local_origin_failure": 2,
+            "consecutive_5xx": 5,
+            "consecutive_gateway_failure": 2,
+            "interval": "5s",
+            "base_ejection_time": "10s",
+            "max_ejection_percent": 50,
+        },
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": {
+            "cluster_name": "embedding_grpc",
+            "endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": h, "port_value": p}}}} for h, p in upstreams]}
             ],
         },
     }
@@ -376,16 +391,23 @@ def readiness_listener(host: str, port: int, replicas: int) -> dict[str, Any]:
     """A listener that answers only `GET /ready`: 200 while at least one local server passes Envoy's gRPC health
     check (all of them for a pod's one server) and Envoy is not draining, else 503; every other path is 404.
 
-    It is what the kubelet probes, on the pod's address, without exposing the admin interface.
+    It is what the kubelet probes, on the pod's address, without exposing the admin interface. It also passes the
+    gRPC health service's `Check` (only that: no `Watch` stream) to the server, so that the kubelet's gRPC probes reach
+    a server that listens on loopback behind this Envoy.
     """
+    health_check = {
+        "match": {"path": "/grpc.health.v1.Health/Check", "headers": [{"name": "content-type", "string_match": {"prefix": "application/grpc"}}]},
+        "route": {"cluster": "embedding_grpc", "timeout": "5s"},
+    }
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "readiness",
         "codec_type": "AUTO",
+        **_tight_connection_options(),
         "route_config": {
             "name": "readiness",
             "virtual_hosts": [
-                {"name": "readiness", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "direct_response": {"status": 404}}]}
+                {"name": "readiness", "domains": ["*"], "routes": [health_check, {"match": {"prefix": "/"}, "direct_response": {"status": 404}}]}
             ],
         },
         "http_filters": [
@@ -405,7 +427,95 @@ def readiness_listener(host: str, port: int, replicas: int) -> dict[str, Any]:
     return {
         "name": "readiness",
         "address": {"socket_address": {"address": host, "port_value": port}},
-        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
+        "per_connection_buffer_limit_bytes": 32 * 1024,
+        "filter_chains": [{"filters": [_connection_limit("readiness", 64),
+                                       {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
+    }
+
+
+# Envoy's metrics listener: at most this many scrapes a second (more are answered 429), over at most this many
+# connections (more are closed at once); the server's own /metrics sees Envoy's few connections, never a caller's.
+METRICS_RATE_PER_SECOND = 20
+METRICS_MAX_CONNECTIONS = 64
+
+
+def _tight_connection_options() -> dict[str, Any]:
+    """For the small listeners (readiness, metrics): a caller sends its request at once, and idles briefly."""
+    return {
+        "request_headers_timeout": "5s",
+        "stream_idle_timeout": "10s",
+        "request_timeout": "10s",
+        "common_http_protocol_options": {"idle_timeout": "30s", "max_requests_per_connection": 100},
+    }
+
+
+def _connection_limit(name: str, limit: int) -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.network.connection_limit",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.connection_limit.v3.ConnectionLimit",
+            "stat_prefix": f"{name}_connection_limit",
+            "max_connections": limit,
+        },
+    }
+
+
+def metrics_listener(host: str, port: int) -> dict[str, Any]:
+    """`GET /metrics` (the server's Prometheus metrics) and `GET /stats/prometheus` (Envoy's own), and nothing else,
+    under a connection limit, short timeouts and a rate limit: a flood of connections or scrapes is Envoy's to absorb
+    (the server's own metrics endpoint, on loopback, sees at most two of Envoy's connections)."""
+    def get(path: str, cluster: str) -> dict[str, Any]:
+        return {"match": {"path": path, "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
+                "route": {"cluster": cluster, "timeout": "5s"}}
+
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "metrics",
+        "codec_type": "AUTO",
+        **_tight_connection_options(),
+        "route_config": {
+            "name": "metrics",
+            "virtual_hosts": [{
+                "name": "metrics",
+                "domains": ["*"],
+                "routes": [get("/metrics", "server_metrics"), get("/stats/prometheus", "envoy_admin"),
+                           {"match": {"prefix": "/"}, "direct_response": {"status": 404, "body": {"inline_string": "GET /metrics or GET /stats/prometheus\n"}}}],
+            }],
+        },
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.local_ratelimit",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+                    "stat_prefix": "metrics_rate_limit",
+                    "token_bucket": {"max_tokens": METRICS_RATE_PER_SECOND, "tokens_per_fill": METRICS_RATE_PER_SECOND, "fill_interval": "1s"},
+                    "filter_enabled": {"default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+                    "filter_enforced": {"default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+                },
+            },
+            {"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
+        ],
+    }
+    return {
+        "name": "metrics",
+        "address": {"socket_address": {"address": host, "port_value": port}},
+        "per_connection_buffer_limit_bytes": 32 * 1024,
+        "filter_chains": [{"filters": [_connection_limit("metrics", METRICS_MAX_CONNECTIONS),
+                                       {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
+    }
+
+
+def metrics_cluster(name: str, host: str, port: int) -> dict[str, Any]:
+    """A plain HTTP/1.1 upstream on loopback, held to two connections (a scrape takes milliseconds)."""
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "circuit_breakers": {"thresholds": [{"priority": "DEFAULT", "max_connections": 2, "max_pending_requests": 16, "max_requests": 2}]},
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}]}],
+        },
     }
 
 

@@ -1,4 +1,8 @@
-"""`make run`: the gRPC server and Envoy in front of it, on the default model; Ctrl-C stops both."""
+"""The service: the gRPC server and Envoy in front of it (REST for every API and native gRPC on one port).
+
+`make run` and the image both start here. Ctrl-C or SIGTERM drains the server, then stops Envoy. Nothing is written
+to disk: the server reads its configuration from a pipe and Envoy from its command line.
+"""
 
 from __future__ import annotations
 
@@ -12,70 +16,150 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from . import config as config_mod  # noqa: E402
-from .launch import Stack  # noqa: E402
+
+EPILOG = """\
+Every configuration key also reads EMBED__SECTION__KEY (e.g. EMBED__LIMITS__MAX_BATCH_TOKENS=4096); flags win.
+API keys: EMBED_API_KEYS="key" or "key:secret", comma-separated, 16 or more characters each (or auth.keys_file).
+Without keys the service is open, so it listens on loopback only (inside a container: unreachable from outside)."""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m service.run", description=__doc__.split("\n\n")[0],
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=os.environ.get("EMBED_CONFIG"), help="YAML configuration file (or $EMBED_CONFIG)")
+    p.add_argument("--port", type=int, help="port of Envoy's listener, REST and gRPC (envoy.listen_port; default 8080)")
+    p.add_argument("--hostname", help="address Envoy listens on (envoy.listen_host; 0.0.0.0 in the image)")
+    p.add_argument("--api-key", help="require this key (as $EMBED_API_KEYS; prefer the variable: a flag shows in `ps`)")
+    p.add_argument("--model", action="append", default=[], metavar="ID=PATH",
+                   help="serve the sentence-transformers folder PATH as ID (repeatable, the first the default; replaces "
+                        "the configured models)")
+    p.add_argument("--replicas", type=int, default=int(os.environ.get("REPLICAS", "1")), help="server processes behind Envoy")
+    p.add_argument("--server-only", action="store_true",
+                   help="run the gRPC server alone, without Envoy (a pod's layout, where Envoy is its own container)")
+    p.add_argument("--log-format", help="json | text (server.log_format)")
+    p.add_argument("--print-config", action="store_true", help="print the effective configuration and exit")
+    return p
+
+
+def build_config(args: argparse.Namespace) -> config_mod.Config:
+    cfg = config_mod.load(args.config)
+    if args.port is not None:
+        cfg.envoy.listen_port = args.port
+    if args.hostname:
+        cfg.envoy.listen_host = args.hostname
+    if args.log_format:
+        cfg.server.log_format = args.log_format
+    if args.model:
+        cfg.models = config_mod.models_from_specs(args.model)
+    return cfg.validate()
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="make run", description=__doc__)
-    p.add_argument("--config", default=os.environ.get("EMBED_CONFIG"), help="YAML configuration file")
-    p.add_argument("--replicas", type=int, default=int(os.environ.get("REPLICAS", "1")), help="server processes behind Envoy")
-    args = p.parse_args(argv)
+    args = parser().parse_args(argv)
+    if args.api_key:
+        os.environ["EMBED_API_KEYS"] = args.api_key  # the server and Envoy's rendering read it there
     try:
-        cfg = config_mod.load(args.config)
+        cfg = build_config(args)
     except config_mod.ConfigError as e:
         print(f"configuration error: {e}", file=sys.stderr)
         return 2
-    if args.replicas > 1:
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(mask_secrets=True), sort_keys=False), end="")
+        return 0
+    if args.server_only:
+        from .__main__ import run_server
+
+        return run_server(cfg)
+    return run_stack(cfg, args.replicas)
+
+
+def run_stack(cfg: config_mod.Config, replicas: int) -> int:
+    from . import envoy
+    from .launch import Stack
+
+    if replicas > 1:
         cfg.server.grpc_port = cfg.server.metrics_port = 0  # each replica on free ports
+    elif not cfg.server.sidecar_admin_url:
+        # One server behind its own Envoy, as in a pod: on SIGTERM it fails Envoy's health checks, so Envoy closes its
+        # callers' keep-alive connections while the server drains.
+        cfg.server.sidecar_admin_url = f"http://127.0.0.1:{cfg.envoy.admin_port}"
+    if envoy.listen_host(cfg) != cfg.envoy.listen_host:
+        print(f"embedding service: no API keys, so the service is open and Envoy listens on 127.0.0.1, not "
+              f"{cfg.envoy.listen_host} (inside a container: unreachable from outside). Set EMBED_API_KEYS (16 or more "
+              "characters) or --api-key, or EMBED__AUTH__ALLOW_OPEN_NON_LOOPBACK=true for an open service.",
+              file=sys.stderr, flush=True)
     started = time.monotonic()
-    # Server logs go to this terminal; Envoy's (warnings only) to a file.
-    stack = Stack(cfg, replicas=args.replicas, inherit_output=True)
-    print("embedding service: starting (first start loads the model: ~15 s)", flush=True)
-    try:
-        stack.start(progress=lambda msg: print(f"  … {msg}", flush=True))
-    except (RuntimeError, TimeoutError) as e:
-        print(f"failed to start: {e}\n{stack.logs()}", file=sys.stderr)
-        return 1
-    model = cfg.default_model().id
-    url = stack.http_url
-    print(
-        f"""
-ready in {time.monotonic() - started:.1f}s — model {model}
-
-  REST (Envoy)        {url}/ml/v1alpha/embedding:embed
-  gRPC (via Envoy)    {stack.envoy_target}   ai.inworld.embedding.v1alpha.EmbeddingService/Embed
-  gRPC (direct)       {', '.join(stack.server_targets)}
-  Envoy admin         {stack.admin_url}   (Envoy's own stats: {stack.admin_url}/stats/prometheus)
-  metrics             {', '.join(stack.metrics_urls) or 'off'}
-  Envoy log           {stack.log_dir}/envoy.log
-
-Try it:
-
-  curl {url}/ml/v1alpha/embedding:embed \\
-    -H 'Content-Type: application/json' \\
-    -d '{{"inputs": [{{"text": "Hello Inworld!"}}], "model": {{"model": "{model}", "serviceProvider": "SERVICE_PROVIDER_INWORLD"}}}}'
-
-Ctrl-C stops the server and Envoy.""",
-        flush=True,
-    )
+    stack = Stack(cfg, replicas=replicas, inherit_output=True)
     stop = False
 
     def on_signal(*_: object) -> None:
         nonlocal stop
         stop = True
 
+    # Installed before anything starts: a SIGTERM while the model loads stops the start cleanly, too.
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    print("embedding service: starting (the model loads in the background)", flush=True)
+    try:
+        stack.start(progress=lambda msg: print(f"  … {msg}", flush=True), should_stop=lambda: stop)
+    except (RuntimeError, TimeoutError) as e:
+        print(f"failed to start: {e}\n{stack.logs()}", file=sys.stderr)
+        return 1
+    except InterruptedError:
+        print("stopped before it was ready.", flush=True)
+        return 0
+    print(banner(cfg, stack, time.monotonic() - started), flush=True)
+    code = 0
     while not stop:
         for proc in [stack.envoy, *stack.servers]:
             if proc is not None and proc.poll() is not None:
-                print(f"\n{proc.args[0]} exited ({proc.returncode}); stopping.\n{stack.logs()}", file=sys.stderr)
-                stop = True
-        time.sleep(0.5)
-    print("\nstopping (in-flight requests finish first)…", flush=True)
-    stack.stop()
-    print("stopped.")
-    return 0
+                print(f"\n{proc.args[0]} exited ({proc.returncode}); stopping.", file=sys.stderr, flush=True)
+                stop, code = True, 1
+        time.sleep(0.05)
+    print("stopping: in-flight requests finish first", flush=True)
+    stack.stop(timeout=cfg.server.grace_seconds + 5)
+    if stack.envoy_connections_at_stop:
+        print(f"Envoy was stopped holding {stack.envoy_connections_at_stop} callers' connections", file=sys.stderr, flush=True)
+    print("stopped.", flush=True)
+    return code
+
+
+def banner(cfg: config_mod.Config, stack, seconds: float) -> str:
+    url = stack.http_url.replace("127.0.0.1", cfg.envoy.listen_host) if cfg.envoy.listen_host not in ("127.0.0.1", "0.0.0.0", "::") else stack.http_url
+    from .envoy import keys_configured
+
+    model = cfg.default_model().id
+    keyed = keys_configured(cfg)
+    apis = [
+        ("OpenAI", f"{url}/v1/embeddings"),
+        ("Text Embeddings Inference", f"{url}/embed   (gRPC tei.v1 on {stack.envoy_target})"),
+        ("Ollama", f"{url}/api/embed"),
+        ("Cohere", f"{url}/v2/embed"),
+        ("Gemini", f"{url}/v1beta/models/{{model}}:embedContent"),
+        ("Hugging Face", f"{url}/models/{{model}}"),
+        ("HrFlow", f"{url}/v1/document/embedding"),
+        ("Inworld", f"{url}/ml/v1alpha/embedding:embed"),
+        ("native gRPC", f"{stack.envoy_target}   (reflection on; e.g. grpcurl -plaintext {stack.envoy_target} list)"),
+    ]
+    width = max(len(name) for name, _ in apis)
+    lines = [f"ready in {seconds:.1f}s: model {model}", ""]
+    lines += [f"  {name:<{width}}  {where}" for name, where in apis]
+    lines += [
+        "",
+        f"  readiness  {stack.ready_url}",
+        f"  metrics    {', '.join(stack.metrics_urls) or 'off'}",
+        "",
+        "Try it:",
+        "",
+        f"  curl {url}/v1/embeddings -H 'Content-Type: application/json' \\",
+        *(["    -H \"Authorization: Bearer $EMBED_API_KEYS\" \\"] if keyed else []),
+        f"    -d '{{\"model\": \"{model}\", \"input\": \"Hello!\"}}'",
+        "",
+        "Ctrl-C stops the server and Envoy.",
+    ]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

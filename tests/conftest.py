@@ -29,6 +29,7 @@ def stack_config() -> Config:
     cfg.envoy.listen_port = 0
     cfg.envoy.admin_port = 0
     cfg.envoy.readiness_port = 0
+    cfg.envoy.metrics_port = 0  # none: stack.metrics_urls is the server's own (tests/test_trust.py tests Envoy's)
     return cfg.validate()
 
 
@@ -46,3 +47,11 @@ def reference():
     from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(default_model_path(), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def image():
+    """The image, built by `make image` on a Debian base made here (tests/image.py); `make test-image` only."""
+    from . import image as img
+
+    return img.build()

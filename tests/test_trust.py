@@ -567,3 +567,88 @@ def test_a_dead_offload_worker_fails_only_its_own_request():
             offload.stop()
 
     asyncio.run(main())
+
+
+# -- round 2 (issue 27) --------------------------------------------------------------------------------------------
+
+
+def threads_of(pid: int) -> int:
+    return int(next(line for line in open(f"/proc/{pid}/status") if line.startswith("Threads:")).split()[1])
+
+
+def cpu_seconds_of(pid: int) -> float:
+    """User + system CPU of a process and its live children (the offload workers), from /proc."""
+    total = 0.0
+    pids = [pid] + [int(p) for p in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+    for p in pids:
+        try:
+            fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def half_sent(port: int, n: int) -> list:
+    """`n` connections that each send the start of a request and never finish it."""
+    import socket
+
+    socks = []
+    for _ in range(n):
+        try:
+            s = socket.create_connection(("127.0.0.1", port), timeout=2)
+            s.sendall(b"GET /metrics HTTP/1.1\r\n")
+            socks.append(s)
+        except OSError:  # refused or reset once a listener is full: that is the bound working
+            pass
+    return socks
+
+
+def test_a_flood_on_the_metrics_ports_costs_the_serving_path_nothing(tmp_path):
+    """The review's repro (issue 27.1): 2,000 half-sent requests to the metrics port grew prometheus_client's server
+    to 2,024 threads, and once they closed the server sat at ~150 % CPU for minutes. Now, on the server's own port
+    and on Envoy's metrics listener in front of it: the server's threads stay flat, callers are served as fast as on
+    an idle server while the flood is held, and once it closes the server is idle again; a scrape still works."""
+    from service.launch import free_port
+
+    cfg = stack_config()
+    cfg.envoy.metrics_port = free_port()
+    with Stack(cfg.validate(), log_dir=tmp_path) as s:
+        pid = s.servers[0].pid
+        for _ in range(5):
+            canary(s)
+        idle = statistics.median([canary(s) for _ in range(20)])
+        threads = threads_of(pid)
+        held = []
+        for port, url in ((s.metrics_ports[0], s.server_metrics_urls[0]), (cfg.envoy.metrics_port, s.metrics_urls[0])):
+            held += half_sent(port, 1000)
+            during = [canary(s) for _ in range(20)]
+            assert threads_of(pid) <= threads + 2, (url, threads, threads_of(pid))
+            assert statistics.median(during) <= idle + 0.02, (url, statistics.median(during), idle)
+        for sock in held:
+            sock.close()
+        time.sleep(1.0)
+        before = cpu_seconds_of(pid)
+        time.sleep(3.0)
+        busy = cpu_seconds_of(pid) - before
+        print(f"\nidle p50 {idle * 1000:.1f} ms; threads {threads} -> {threads_of(pid)}; server CPU over 3 s after the flood: {busy:.2f} s")
+        assert busy < 0.3, busy
+        wait_for(lambda: requests.get(s.metrics_urls[0], timeout=5).status_code == 200, timeout=10, what="a scrape through Envoy")
+        assert "embedding_requests_total" in requests.get(s.metrics_urls[0], timeout=5).text
+        assert "envoy_" in requests.get(s.metrics_urls[0].replace("/metrics", "/stats/prometheus"), timeout=5).text
+
+
+def test_envoys_metrics_listener_serves_only_metrics(tmp_path):
+    from service.launch import free_port
+
+    cfg = stack_config()
+    cfg.envoy.metrics_port = free_port()
+    with Stack(cfg.validate(), log_dir=tmp_path) as s:
+        base = f"http://127.0.0.1:{cfg.envoy.metrics_port}"
+        assert requests.get(base + "/metrics", timeout=5).status_code == 200
+        for path in ("/stats", "/quitquitquit", "/healthcheck/fail", "/clusters", "/v1/embeddings"):
+            assert requests.get(base + path, timeout=5).status_code == 404, path
+        assert requests.post(base + "/metrics", timeout=5).status_code == 404
+        # Scrapes past the rate limit are refused by Envoy, never passed to the server.
+        codes = [requests.get(base + "/metrics", timeout=5).status_code for _ in range(envoy.METRICS_RATE_PER_SECOND + 10)]
+        assert 429 in codes and set(codes) <= {200, 429}

@@ -270,6 +270,7 @@ async def rss_per_mode(cfg: Config, modes, corpus: list[str]) -> list[tuple[str,
     for runtime, precision in modes:
         scfg = copy.deepcopy(cfg)
         scfg.server.grpc_port = scfg.server.metrics_port = scfg.envoy.listen_port = scfg.envoy.admin_port = 0
+        scfg.envoy.metrics_port = 0
         scfg.default_model().runtime, scfg.default_model().precision = runtime, precision
         try:
             with Stack(scfg) as stack:
@@ -384,6 +385,7 @@ async def bench(args) -> int:
 
     scfg = copy.deepcopy(cfg)
     scfg.server.grpc_port = scfg.server.metrics_port = scfg.envoy.listen_port = scfg.envoy.admin_port = 0
+    scfg.envoy.metrics_port = 0
     with Stack(scfg) as stack:
         server_pid = stack.servers[0].pid
         for c, n in grid:

@@ -225,6 +225,7 @@ async def main_async(args) -> int:
     corpus = make_corpus(list(tok.get_vocab()))[:512]
     cfg = copy.deepcopy(Config().validate())
     cfg.server.grpc_port = cfg.server.metrics_port = cfg.envoy.listen_port = cfg.envoy.admin_port = cfg.envoy.readiness_port = 0
+    cfg.envoy.metrics_port = 0
     keys = f"{KEY},{REFERENCE_KEY},{INWORLD_KEY}:{INWORLD_SECRET}"
     print(f"== load: {args.clients} clients + a canary, {args.seconds:.0f} s per run, two runs, every dialect, 10 % hostile, "
           "keys on, through Envoy", flush=True)
