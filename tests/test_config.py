@@ -63,3 +63,35 @@ def test_print_config_shows_effective_values():
     assert r.returncode == 0, r.stderr
     assert "grpc_port: 6000" in r.stdout
     assert DEFAULT_MODEL_ID in r.stdout
+
+
+SECRET = "sk-live-secret-that-must-not-be-printed"
+
+
+@pytest.mark.parametrize(
+    "text, env",
+    [
+        # Broken YAML on the key's own line: PyYAML's message quotes that line.
+        (f"providers:\n  - name: openai\n    api_key: {SECRET}: oops\n", {}),
+        (f"providers:\n  - name: openai\n    api_key: \"{SECRET}\n", {}),
+        ("", {"EMBED__PROVIDERS": f"- name: openai\n  api_key: {SECRET}: oops"}),
+        ("", {"EMBED__PROVIDERS": f"[{{name: openai, api_key: [{SECRET}]}}]"}),  # a list where a string belongs
+    ],
+    ids=["file-mapping", "file-unclosed-quote", "env-mapping", "env-wrong-type"],
+)
+def test_a_broken_configuration_never_prints_a_secret(tmp_path, text, env):
+    """Issue 27.10: the message says where the configuration is broken (line and column, or the key), never what
+    the line holds; and the command that starts the server prints nothing more."""
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load(f if text else None, env=env)
+    assert not leaks(str(e.value)) and ("line" in str(e.value) or "api_key" in str(e.value)), str(e.value)
+    r = subprocess.run([sys.executable, "-m", "service", "--print-config", *(["--config", str(f)] if text else [])],
+                       capture_output=True, text=True, timeout=60, env={**__import__("os").environ, **env})
+    assert r.returncode == 2 and not leaks(r.stdout + r.stderr), r.stderr
+
+
+def leaks(text: str) -> bool:
+    """Any 8 characters of the secret (PyYAML's snippet shows a window of the line, so a part of it)."""
+    return any(SECRET[i : i + 8] in text for i in range(len(SECRET) - 7))
