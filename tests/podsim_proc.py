@@ -85,7 +85,18 @@ def become_container(spec: dict) -> None:
     _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing done here reaches the host
     root = spec["rootfs"]
-    mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
+    if spec.get("image_root"):
+        # The image's files under a fresh writable layer (a tmpfs), where mount points are made; read-only below
+        # when the manifest says so.
+        layer = root + ".layer"
+        os.makedirs(layer, exist_ok=True)
+        mount("tmpfs", layer, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
+        os.makedirs(f"{layer}/upper")
+        os.makedirs(f"{layer}/work")
+        mount("overlay", root, "overlay", MS_NOSUID | MS_NODEV,
+              f"lowerdir={spec['image_root']},upperdir={layer}/upper,workdir={layer}/work")
+    else:
+        mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
     for link in spec["symlinks"]:
         os.symlink(link["target"], os.path.join(root, link["path"].lstrip("/")))
     for d in spec["dirs"]:

@@ -47,9 +47,19 @@ def test_manifests_validate_against_kubernetes_schemas(name):
     kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
 
-def test_descriptor_configmap_validates():
-    doc = deploy.descriptor_configmap(envoy.DESCRIPTOR)
-    kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+def test_the_deployment_needs_nothing_generated_or_ignored(rendered):
+    """`kubectl apply -k deploy/` on a fresh clone: every file the kustomization lists is committed (none git-ignored),
+    and nothing names a ConfigMap or Secret the manifests do not hold but the operator's keys."""
+    tracked = set(subprocess.run(["git", "ls-files", "deploy"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split())
+    for name in rendered["kustomization.yaml"]["resources"]:
+        assert f"deploy/{name}" in tracked, name
+        assert subprocess.run(["git", "check-ignore", "-q", f"deploy/{name}"], cwd=ROOT).returncode == 1, name
+    held = {(d["kind"], d["metadata"]["name"]) for n, d in rendered.items() if n in rendered["kustomization.yaml"]["resources"]}
+    for v in pod_spec(rendered)["volumes"]:
+        if "configMap" in v:
+            assert ("ConfigMap", v["configMap"]["name"]) in held, v
+        if "secret" in v:
+            assert v["secret"]["secretName"] == deploy.KEYS_SECRET, v
 
 
 def pod_configuration(docs: dict, tmp_path: Path) -> Config:
@@ -65,11 +75,11 @@ def test_pod_agrees_with_its_configuration(rendered, tmp_path):
     spec = pod_spec(rendered)
     server, sidecar = spec["containers"]
     assert server["command"] == ["python", "-m", "service", "--config", "/etc/embedding/config.yaml"]
-    ports = {p["name"]: p["containerPort"] for c in (server, sidecar) for p in c["ports"]}
-    assert ports == {"grpc": cfg.server.grpc_port, "metrics": cfg.server.metrics_port, "http": cfg.envoy.listen_port,
-                     "ready": cfg.envoy.readiness_port}
+    assert "ports" not in server  # the server listens on the pod's loopback, behind Envoy
+    ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
+    assert ports == {"http": cfg.envoy.listen_port, "ready": cfg.envoy.readiness_port, "metrics": cfg.envoy.metrics_port}
     assert cfg.envoy.admin_port not in ports.values()  # the admin interface is never a container port
-    assert cfg.server.host == "0.0.0.0" and cfg.server.drain_delay_seconds > 0
+    assert cfg.server.host == "127.0.0.1" and cfg.server.drain_delay_seconds > 0
     assert yaml.safe_load(rendered["configmap.yaml"]["data"]["config.yaml"])["auth"]["keys_file"] == "/etc/embedding/keys/keys.yaml"
     # Envoy in the pod listens on the http port and forwards to the server's gRPC port on localhost.
     ev = yaml.safe_load(rendered["configmap.yaml"]["data"]["envoy.yaml"])
@@ -91,7 +101,7 @@ def test_shutdown_budget_covers_the_drain(rendered, tmp_path):
     assert sleep >= max(cfg.server.grace_seconds, cfg.server.drain_delay_seconds) + 2
     assert spec["terminationGracePeriodSeconds"] >= sleep + 2  # Envoy's own exit after its SIGTERM
     live = server["livenessProbe"]
-    assert live["grpc"]["port"] == cfg.server.grpc_port
+    assert live["grpc"]["port"] == cfg.envoy.readiness_port  # Envoy's readiness listener passes Health/Check through
     assert live["periodSeconds"] * live["failureThreshold"] > cfg.server.grace_seconds  # never restarted mid-drain
     assert "livenessProbe" not in sidecar  # /ready follows the server: it must not restart Envoy
     for c in (server, sidecar):  # the model loads in the background: the startup budget covers it
@@ -110,8 +120,8 @@ def probe_bindings(docs: dict) -> list[tuple[str, str, int, str]]:
     bound[admin["port_value"]] = admin["address"]
     keys = bool(cfg_data["auth"]["keys_file"])
     server_host = cfg_data["server"]["host"] if keys or cfg_data["auth"]["allow_open_non_loopback"] else "127.0.0.1"
-    bound[cfg_data["server"]["grpc_port"]] = server_host
-    bound[cfg_data["server"]["metrics_port"]] = server_host
+    bound.setdefault(cfg_data["server"]["grpc_port"], server_host)
+    bound.setdefault(cfg_data["server"]["metrics_port"], server_host)
     out = []
     for c in pod_spec(docs)["containers"]:
         names = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
@@ -132,6 +142,13 @@ def test_every_probe_port_is_bound_to_the_pod_address(rendered):
     assert {(c, k) for c, k, _, _ in bindings} >= {("envoy", "startupProbe"), ("envoy", "readinessProbe"), ("server", "livenessProbe")}
     for container, kind, port, address in bindings:
         assert address in ("0.0.0.0", "::"), f"{container}.{kind} probes :{port}, which is bound to {address}"
+    # The server's gRPC probes reach it through Envoy's readiness listener, which passes Health/Check (only that).
+    ev = yaml.safe_load(rendered["configmap.yaml"]["data"]["envoy.yaml"])
+    [ready] = [x for x in ev["static_resources"]["listeners"] if x["name"] == "readiness"]
+    hcm = next(f for f in ready["filter_chains"][0]["filters"] if f["name"].endswith("http_connection_manager"))["typed_config"]
+    routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    assert [r["match"].get("path") for r in routes if "route" in r] == ["/grpc.health.v1.Health/Check"]
+    assert routes[0]["route"]["cluster"] == "embedding_grpc"
 
 
 def test_the_probe_check_catches_a_probe_on_the_admin_interface(rendered):
@@ -154,8 +171,8 @@ def test_containers_run_unprivileged(rendered):
         for hook in (c.get("lifecycle") or {}).values():  # Kubernetes' own actions only: no tool from an image
             assert set(hook) <= {"sleep", "httpGet"}, (c["name"], hook)
     envoy_c = containers(rendered)["envoy"]
-    assert "command" not in envoy_c and envoy_c["args"][0].startswith("-")  # the image's entrypoint runs envoy
-    assert envoy_c["securityContext"]["runAsUser"] == deploy.ENVOY_UID
+    assert envoy_c["command"][0] == "envoy" and envoy_c["image"] == containers(rendered)["server"]["image"]  # one image
+    assert envoy_c["securityContext"]["runAsUser"] == deploy.SERVER_UID
 
 
 def test_dockerfile_agrees_with_the_pod(rendered):
@@ -163,7 +180,11 @@ def test_dockerfile_agrees_with_the_pod(rendered):
 
     df = parse_dockerfile(ROOT / "Dockerfile")
     cfg = Config().validate()
-    assert set(df["expose"]) == {cfg.server.grpc_port, cfg.server.metrics_port}
+    assert set(df["expose"]) == {cfg.envoy.listen_port, cfg.envoy.metrics_port, cfg.envoy.readiness_port}
+    # Envoy runs from the image: its descriptor set where the pod's Envoy reads it, the binary on the PATH.
+    assert df["workdir"] + "/gen/descriptor.pb" == deploy.IMAGE_DESCRIPTOR
+    assert deploy.IMAGE_DESCRIPTOR in rendered["configmap.yaml"]["data"]["envoy.yaml"]
+    assert "/usr/local/bin/envoy" in (ROOT / "Dockerfile").read_text()
     server = containers(rendered)["server"]
     uid, _, gid = df["user"].partition(":")
     assert (int(uid), int(gid)) == (server["securityContext"]["runAsUser"], server["securityContext"]["runAsGroup"])
@@ -184,7 +205,7 @@ def test_models_of_your_own_get_a_writable_export_cache():
     docs = deploy.render(cfg)
     server = containers(docs)["server"]
     env = {e["name"]: e.get("value") for e in server["env"]}
-    assert env["EMBED_CACHE_DIR"] == deploy.RUNTIME_CACHE_DIR
+    assert env["EMBED_CACHE_DIR"] == f"{deploy.RUNTIME_CACHE_DIR}:{deploy.BAKED_CACHE_DIR}"  # the baked export still found
     assert {"name": "export-cache", "mountPath": deploy.RUNTIME_CACHE_DIR} in server["volumeMounts"]
     kubernetes_validate.validate(docs["deployment.yaml"], K8S_VERSION, strict=True)
     assert "EMBED_CACHE_DIR" not in {e["name"] for e in containers(deploy.render(Config()))["server"]["env"]}
@@ -211,7 +232,7 @@ def test_provider_keys_never_reach_a_configmap():
 def test_kustomization_lists_the_manifests(rendered):
     k = rendered["kustomization.yaml"]
     for name in k["resources"]:
-        assert name in rendered or name == "descriptor-configmap.yaml", name  # the descriptor: make deploy writes it
+        assert name in rendered, name
     assert not [n for n in k["resources"] if "secret" in n]  # applying an example would replace the real keys
     images = {c["image"].rsplit(":", 1)[0] for c in pod_spec(rendered)["containers"]}
     assert {i["name"] for i in k["images"]} == images
@@ -233,7 +254,6 @@ def test_kustomize_builds_and_overrides(tmp_path):
     resources change from the kustomization alone."""
     folder = tmp_path / "deploy"
     shutil.copytree(ROOT / "deploy", folder)
-    (folder / "descriptor-configmap.yaml").write_text(deploy.dump(deploy.descriptor_configmap(envoy.DESCRIPTOR)))
 
     def build() -> dict[tuple[str, str], dict]:
         r = subprocess.run([kubectl(), "kustomize", str(folder)], capture_output=True, text=True, timeout=120)
@@ -255,12 +275,12 @@ def test_kustomize_builds_and_overrides(tmp_path):
     dep = build()[("Deployment", deploy.APP)]
     server = {c["name"]: c for c in dep["spec"]["template"]["spec"]["containers"]}["server"]
     assert dep["spec"]["replicas"] == 5
-    assert server["image"] == f"{deploy.IMAGE}:9.9.9"
+    assert {c["image"] for c in dep["spec"]["template"]["spec"]["containers"]} == {f"{deploy.IMAGE}:9.9.9"}
     assert server["resources"]["limits"]["cpu"] == "4" and server["resources"]["requests"]["cpu"] == "4"
 
 
 def test_pod_envoy_config_is_accepted_by_envoy(rendered, tmp_path):
-    text = rendered["configmap.yaml"]["data"]["envoy.yaml"].replace("/etc/envoy/descriptor/descriptor.pb", str(envoy.DESCRIPTOR))
+    text = rendered["configmap.yaml"]["data"]["envoy.yaml"].replace(deploy.IMAGE_DESCRIPTOR, str(envoy.DESCRIPTOR))
     (tmp_path / "envoy.yaml").write_text(text)
     r = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(tmp_path / "envoy.yaml")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -283,3 +303,26 @@ def test_the_pod_reads_its_keys_from_the_mounted_secret_whatever_the_config_says
     assert volumes[mount["name"]]["secret"]["secretName"] == deploy.KEYS_SECRET
     assert Path(pod_cfg["auth"]["keys_file"]).name in docs["secret.example.yaml"]["stringData"]
     assert pod_cfg["auth"]["reload_interval_seconds"] > 0
+
+
+def test_the_network_policy_admits_envoys_ports_only(rendered):
+    """Anyone to the API and the readiness listener (the kubelet's probes), Prometheus to the metrics port: every
+    port named is one of Envoy's, and nothing admits the server, which listens on loopback anyway."""
+    policy = rendered["networkpolicy.yaml"]
+    assert policy["spec"]["podSelector"]["matchLabels"] == rendered["deployment.yaml"]["spec"]["selector"]["matchLabels"]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    envoy_ports = {p["name"] for p in containers(rendered)["envoy"]["ports"]}
+    admitted = {}
+    for rule in policy["spec"]["ingress"]:
+        for port in rule["ports"]:
+            assert port["port"] in envoy_ports, port
+            admitted[port["port"]] = rule.get("from")
+    assert set(admitted) == {"http", "ready", "metrics"}
+    assert admitted["http"] is None and admitted["ready"] is None
+    assert admitted["metrics"] == [{"namespaceSelector": {}, "podSelector": {"matchLabels": deploy.SCRAPER_LABELS}}]
+    annotations = rendered["deployment.yaml"]["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(pod_configuration_port(rendered))
+
+
+def pod_configuration_port(docs: dict) -> int:
+    return {p["name"]: p["containerPort"] for p in containers(docs)["envoy"]["ports"]}["metrics"]

@@ -1,8 +1,10 @@
-"""The rendered pod, run the way the kubelet runs it (tests/podsim.py): it becomes Ready within its startup
-budget with probes sent to its address from outside its network namespace, runs unprivileged on a read-only
-root, rolls out behind a Service without losing a request, and takes a rotated Secret without a signal.
+"""The rendered pod, run the way the kubelet runs it (tests/podsim.py) from the built image's filesystem (what ships,
+not this checkout): it becomes Ready within its startup budget with probes sent to its address from outside its
+network namespace, runs unprivileged on a read-only root, rolls out behind a Service without losing a request, and
+takes a rotated Secret without a signal.
 
-It needs root (network and mount namespaces); CI has it, so without it this fails rather than skips.
+It needs root (network and mount namespaces) and the image (`make test-image` builds it); CI has both, so without
+them this fails rather than skips.
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from service import deploy, envoy
-from service.config import DEFAULT_MODEL_ID, default_model_path
+from service import deploy
+from service.config import DEFAULT_MODEL_ID
 
+from . import image as img
 from . import podsim
-from .podsim import Kubelet, PodSimError, check_hook, envoy_image, load_manifests, server_image
+from .podsim import Kubelet, PodSimError, check_hook, load_manifests
+
+pytestmark = pytest.mark.image
 
 ROOT = Path(__file__).resolve().parents[1]
 OLD_KEY, NEW_KEY = "podsim-key-before-rotation", "podsim-key-after-rotation"
@@ -42,18 +47,16 @@ def keys_files(key: str) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def manifests():
-    """deploy/ as committed (test_deploy keeps it current), the descriptor ConfigMap `make deploy` writes, and
-    the keys Secret an operator creates."""
-    return load_manifests(ROOT / "deploy", [deploy.descriptor_configmap(envoy.DESCRIPTOR), keys_secret(OLD_KEY)])
+    """deploy/ as committed (test_deploy keeps it current) and the keys Secret an operator creates: what
+    `kubectl apply -k deploy/` needs."""
+    return load_manifests(ROOT / "deploy", [keys_secret(OLD_KEY)])
 
 
 @pytest.fixture(scope="module")
-def images():
-    """The two images: the Dockerfile's (its build-time ONNX export made the way its RUN line makes it) and Envoy's."""
-    from service.runtimes import export
-
-    export.onnx_model(default_model_path())  # the image build's export; a no-op when this machine has it
-    return {deploy.IMAGE: server_image(export.cache_dir()), deploy.ENVOY_IMAGE: envoy_image()}
+def images(image):
+    """The image both containers run: the built one's filesystem and config."""
+    with img.mounted(image) as rootfs:
+        yield {deploy.IMAGE: podsim.built_image(img.inspect(image)["Config"], rootfs, main_binary="python")}
 
 
 def request(kubelet: Kubelet, host: str, port: int, key: str) -> dict:
@@ -77,28 +80,19 @@ def assert_unprivileged(pod: podsim.Pod) -> None:
 
 
 def test_a_hook_that_needs_a_tool_the_image_lacks_fails_the_pod(images):
-    envoy_img = images[deploy.ENVOY_IMAGE]
+    image = images[deploy.IMAGE]
     # The manifest's own hooks pass.
     for c in deploy.render(deploy.Config().validate())["deployment.yaml"]["spec"]["template"]["spec"]["containers"]:
         check_hook(c, images[c["image"].rsplit(":", 1)[0]])
-    # What deploy/ used to ship: wget inside Envoy's image.
-    old = {"name": "envoy", "lifecycle": {"preStop": {"exec": {"command": ["sh", "-c", "wget -qO- --post-data '' http://127.0.0.1:9901/healthcheck/fail; sleep 5"]}}}}
+    # What deploy/ once shipped (wget inside Envoy's image), or curl: not in this image either.
     with pytest.raises(PodSimError, match="does not certainly have"):
-        check_hook(old, envoy_img)
+        check_hook({"name": "envoy", "lifecycle": {"preStop": {"exec": {"command": ["wget", "-qO-", "http://127.0.0.1:9901/ready"]}}}}, image)
     with pytest.raises(PodSimError, match="does not certainly have"):
-        check_hook({"name": "envoy", "lifecycle": {"preStop": {"exec": {"command": ["curl", "-X", "POST", "localhost:9901/drain_listeners"]}}}}, envoy_img)
-    # The container's own binary, or Kubernetes' own actions, are fine.
-    check_hook({"name": "envoy", "lifecycle": {"preStop": {"exec": {"command": ["envoy", "--version"]}}}}, envoy_img)
-    check_hook({"name": "envoy", "lifecycle": {"preStop": {"httpGet": {"path": "/x", "port": 9902}}}}, envoy_img)
-
-
-def test_the_kubelet_builds_argv_the_way_kubernetes_does(images):
-    """args, not command, for Envoy: its image's entrypoint runs `envoy ARGS` and, as a non-root user, leaves it be."""
-    envoy_img = images[deploy.ENVOY_IMAGE]
-    argv, uid = podsim.envoy_entrypoint(["/docker-entrypoint.sh", "-c", "/etc/envoy/envoy.yaml"], 101, {})
-    assert (argv, uid) == (["envoy", "-c", "/etc/envoy/envoy.yaml"], 101)
-    assert podsim.envoy_entrypoint(["/docker-entrypoint.sh", "envoy", "-c", "x"], 0, {})[1] == podsim.ENVOY_IMAGE_UID  # root: dropped
-    assert envoy_img.entrypoint == ["/docker-entrypoint.sh"]
+        check_hook({"name": "envoy", "lifecycle": {"preStop": {"exec": {"command": ["curl", "-X", "POST", "localhost:9901/drain_listeners"]}}}}, image)
+    # Programs the image holds, or Kubernetes' own actions, are fine.
+    check_hook({"name": "envoy", "lifecycle": {"preStop": {"exec": {"command": ["envoy", "--version"]}}}}, image)
+    check_hook({"name": "server", "lifecycle": {"preStop": {"exec": {"command": ["python", "-m", "service.healthcheck"]}}}}, image)
+    check_hook({"name": "envoy", "lifecycle": {"preStop": {"httpGet": {"path": "/x", "port": 9902}}}}, image)
     assert podsim.expand("$(A)-$$(A)-$(B)", {"A": "x"}) == "x-$(A)-$(B)"
 
 
