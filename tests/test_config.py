@@ -95,3 +95,21 @@ def test_a_broken_configuration_never_prints_a_secret(tmp_path, text, env):
 def leaks(text: str) -> bool:
     """Any 8 characters of the secret (PyYAML's snippet shows a window of the line, so a part of it)."""
     return any(SECRET[i : i + 8] in text for i in range(len(SECRET) - 7))
+
+
+@pytest.mark.parametrize("version", ["3.10.13", "3.12.1"])
+def test_make_names_the_pythons_it_needs(version):
+    """requires-python is 3.11-3.13: make stops at once, in one line, on an interpreter outside it (and goes on with
+    one inside it)."""
+    import shutil
+    from pathlib import Path
+
+    python = Path.home() / ".pyenv" / "versions" / version / "bin" / "python3"
+    if not python.exists() or shutil.which("make") is None:
+        pytest.skip(f"no Python {version} here")
+    r = subprocess.run(["make", "-n", "run", f"PYTHON={python}"], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=60)
+    if version.startswith("3.10"):
+        assert r.returncode != 0
+        assert "is not Python 3.11, 3.12 or 3.13" in r.stderr and f"Python {version}" in r.stderr, r.stderr
+    else:
+        assert r.returncode == 0, r.stderr
