@@ -27,6 +27,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ai.inworld.embedding.v1alpha import embedding_service_pb2 as pb
 from ai.inworld.embedding.v1alpha import embedding_service_pb2_grpc as pb_grpc
+from embedding.dialects.v1 import hrflow_pb2, hrflow_pb2_grpc, huggingface_pb2, huggingface_pb2_grpc
+from google.protobuf import struct_pb2
 from service import envoy
 from service.config import ModelConfig
 from service.launch import Stack
@@ -652,3 +654,27 @@ def test_envoys_metrics_listener_serves_only_metrics(tmp_path):
         # Scrapes past the rate limit are refused by Envoy, never passed to the server.
         codes = [requests.get(base + "/metrics", timeout=5).status_code for _ in range(envoy.METRICS_RATE_PER_SECOND + 10)]
         assert 429 in codes and set(codes) <= {200, 429}
+
+
+NAN_CASES = {
+    "hrflow item": lambda: (hrflow_pb2_grpc.HrFlowStub, "DocumentEmbedding", hrflow_pb2.DocumentEmbeddingRequest(
+        item_type="job", item=struct_pb2.Value(struct_value=struct_pb2.Struct(fields={"name": struct_pb2.Value(string_value="Chef"),
+                                                                                        "n": struct_pb2.Value(number_value=float("nan"))})))),
+    "hrflow return_sequences": lambda: (hrflow_pb2_grpc.HrFlowStub, "DocumentEmbedding", hrflow_pb2.DocumentEmbeddingRequest(
+        item_type="job", item=struct_pb2.Value(string_value='{"text": "Chef"}'), return_sequences=struct_pb2.Value(number_value=float("inf")))),
+    "huggingface parameters": lambda: (huggingface_pb2_grpc.HuggingFaceStub, "FeatureExtraction", huggingface_pb2.FeatureExtractionRequest(
+        model=MODEL, inputs=struct_pb2.Value(string_value="hi"),
+        parameters=struct_pb2.Struct(fields={"normalize": struct_pb2.Value(number_value=float("-inf"))}))),
+}
+
+
+@pytest.mark.parametrize("case", list(NAN_CASES))
+def test_nan_or_infinity_inside_a_value_is_a_clean_invalid_argument(stack, case):
+    """Issue 27.3: native gRPC can carry NaN and Infinity in a google.protobuf.Value, which JSON cannot; converting it
+    raised inside json_format and answered INTERNAL with a logged traceback. Now INVALID_ARGUMENT naming the field."""
+    stub_class, method, request = NAN_CASES[case]()
+    with grpc.insecure_channel(stack.envoy_target) as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            getattr(stub_class(ch), method)(request, timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.value.code(), e.value.details())
+    assert "NaN or Infinity" in e.value.details()

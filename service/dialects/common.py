@@ -21,11 +21,15 @@ def json_body(obj: Any) -> httpbody_pb2.HttpBody:
     return httpbody_pb2.HttpBody(content_type=JSON, data=orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY))
 
 
-def value(v: struct_pb2.Value | None) -> Any:
-    """A google.protobuf.Value as plain Python (None when absent or null)."""
-    if v is None or v.WhichOneof("kind") in (None, "null_value"):
+def value(v: struct_pb2.Value | struct_pb2.Struct | None, param: str = "") -> Any:
+    """A google.protobuf.Value (or Struct) as plain Python (None when absent or null). A native gRPC caller can put
+    NaN or Infinity in a number, which JSON has no way to carry (json_format raises): a 400 naming the field."""
+    if v is None or (isinstance(v, struct_pb2.Value) and v.WhichOneof("kind") in (None, "null_value")):
         return None
-    return json_format.MessageToDict(v)
+    try:
+        return json_format.MessageToDict(v)
+    except ValueError:
+        raise errors.invalid_argument(f"'{param or 'value'}' holds NaN or Infinity, which JSON has no way to carry.", param) from None
 
 
 def flag(text: str | None) -> bool | None:

@@ -106,7 +106,7 @@ def _return_sequences(raw: Any) -> bool:
 def to_core(request: pb.DocumentEmbeddingRequest, call: rpc.Call) -> EmbedRequest:
     if request.item_type not in ITEM_TYPES:
         raise errors.invalid_argument(f"Invalid Item Type: {request.item_type}", "item_type", "INVALID_ITEM_TYPE")
-    item = value(request.item) if request.HasField("item") else None
+    item = value(request.item, "item") if request.HasField("item") else None
     if isinstance(item, str):
         try:
             # orjson refuses nesting deeper than 1024 levels with a ValueError (json.loads would overflow the stack).
@@ -118,7 +118,7 @@ def to_core(request: pb.DocumentEmbeddingRequest, call: rpc.Call) -> EmbedReques
     text = item_text(item, request.item_type)
     if not text:
         raise errors.invalid_argument(f"Invalid Item: the {request.item_type} has no text to embed", "item", "EMPTY_INPUT")
-    want_tokens = _return_sequences(value(request.return_sequences) if request.HasField("return_sequences") else None)
+    want_tokens = _return_sequences(value(request.return_sequences, "return_sequences") if request.HasField("return_sequences") else None)
     # Documents are long: like sentence-transformers, read what fits and cut the rest (`dialects.long_inputs.hrflow`).
     return EmbedRequest(inputs=[text], token_embeddings=want_tokens, long_inputs=call.long_inputs, deadline=call.deadline, param="item")
 

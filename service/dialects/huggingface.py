@@ -12,14 +12,13 @@ from typing import Any
 import grpc
 import numpy as np
 from google.api import httpbody_pb2
-from google.protobuf import json_format
 
 from embedding.dialects.v1 import huggingface_pb2 as pb
 
 from .. import auth, errors, rpc
 from ..engine.pipeline import EmbedRequest, Embedder
 from . import Dialect
-from .common import add_servicer, flag, json_body, strings
+from .common import add_servicer, flag, json_body, strings, value
 
 # Text Embeddings Inference's `error_type`, which Hugging Face clients show beside `error`.
 ERROR_TYPE = {400: "Validation", 401: "Unauthorized", 404: "NotFound", 413: "Validation", 422: "Validation", 424: "Backend",
@@ -39,7 +38,7 @@ def _options(request: pb.FeatureExtractionRequest) -> dict[str, Any]:
     """Top-level options win over the older nested `parameters` form."""
     opts: dict[str, Any] = {}
     if request.HasField("parameters"):
-        nested = json_format.MessageToDict(request.parameters)
+        nested = value(request.parameters, "parameters")
         opts.update({k: nested[k] for k in OPTIONS if k in nested})
     if request.HasField("normalize"):
         opts["normalize"] = request.normalize
