@@ -231,3 +231,20 @@ def test_fuzz(stack, body, path):
         assert all(np.isfinite(np.asarray(v, dtype=np.float64)).all() for v in vectors if isinstance(v, list))
     elif path == "/api/embed":
         assert set(out) == {"error"} and isinstance(out["error"], str)
+
+
+def test_an_ollama_legacy_error_never_reshapes_a_shared_error():
+    """Issue 27.8: a batcher that is down raises one error object to every caller; the legacy Ollama route set its
+    `dialect` in place, so after one legacy request every other dialect's error came out in Ollama's shape."""
+    import grpc as grpc_
+
+    from service import errors
+    from service.dialects import by_name
+    from service.dialects.ollama import _legacy_error
+
+    shared = errors.ServiceError(grpc_.StatusCode.UNAVAILABLE, "The model is down.", reason="MODEL_UNAVAILABLE")
+    openai_body = errors.render_body(shared, by_name("openai"))
+    mine = _legacy_error(shared)
+    assert mine is not shared and mine.dialect == "ollama" and shared.dialect is None
+    assert errors.render_body(mine, by_name("openai")) == errors.render_body(shared, by_name("ollama"))  # Ollama's shape
+    assert errors.render_body(shared, by_name("openai")) == openai_body  # the shared one: still OpenAI's for OpenAI

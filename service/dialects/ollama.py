@@ -19,6 +19,7 @@ A model named `x:latest` is `x` when only `x` is configured, as Ollama's own nam
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -101,8 +102,9 @@ LEGACY = "ollama-legacy"  # EmbedRequest.echo["api"] of a request the OpenAI par
 
 
 def _legacy_error(err: errors.ServiceError) -> errors.ServiceError:
-    err.dialect = "ollama"  # the path is AIGNE Hub's, the request Ollama's: its errors in Ollama's shape
-    return err
+    """The error in Ollama's shape (the path is AIGNE Hub's, the request Ollama's): a copy, never the error itself,
+    which may be shared (a batcher that is down raises one error to every caller)."""
+    return dataclasses.replace(err, dialect="ollama", metadata=dict(err.metadata))
 
 
 def legacy_to_core(data: dict[str, Any], call: rpc.Call) -> EmbedRequest:
