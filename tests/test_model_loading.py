@@ -20,6 +20,7 @@ LAZY = "lazy/minilm"
 def lazy_stack(tmp_path_factory):
     cfg = stack_config()
     cfg.models.append(ModelConfig(id=LAZY, load="lazy", aliases=["text-embedding-3-small"], precision="fp32"))
+    cfg.dialects.model["tei"] = LAZY  # TEI's routes (and its /health) use the lazy model
     with Stack(cfg.validate(), log_dir=tmp_path_factory.mktemp("lazy-logs")) as s:
         yield s
 
@@ -30,6 +31,19 @@ def health(stack, service):
             return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
         except grpc.RpcError as e:
             return e.code()
+
+
+def test_a_probe_never_loads_a_lazy_model(lazy_stack):
+    """Issue 27.9: TEI's GET /health (no key, a load balancer's probe) started loading the lazy model it asked about.
+    Now it only looks: 200 (a lazy model not loaded yet serves, by loading, on its first request), and nothing loads."""
+    import time
+
+    for _ in range(5):
+        r = requests.get(f"{lazy_stack.http_url}/health", timeout=10)
+        assert r.status_code == 200, r.text
+    time.sleep(1.0)
+    assert health(lazy_stack, f"model:{LAZY}") != health_pb2.HealthCheckResponse.SERVING
+    assert not [line for line in lazy_stack.logs().splitlines() if "loading model" in line and LAZY in line], "a probe started its load"
 
 
 def test_lazy_model_answers_503_then_waits_on_request(lazy_stack, reference):

@@ -431,10 +431,15 @@ class TeiHttpServicer(_Base):
 
 
 async def healthy(embedder: Embedder, name: str) -> bool:
-    """Whether the model TEI's routes use serves now (loaded, and its batcher is not out of service)."""
+    """Whether the model TEI's routes use can serve (loaded, its batcher not out of service; or a lazy model not loaded
+    yet, which its first request loads). Asking causes no work: a probe never starts a lazy model's load."""
     try:
-        model = await embedder.registry.get(name, wait=False)
+        state, model = embedder.registry.peek(name)
     except errors.ServiceError:
+        return False
+    if state == "pending":
+        return embedder.registry.config(name).load == "lazy"
+    if model is None:
         return False
     return isinstance(model, RemoteModel) or getattr(model.batcher, "_down", None) is None
 

@@ -259,6 +259,16 @@ class ModelRegistry:
         for p in self._providers.values():
             await p.close()  # type: ignore[attr-defined]
 
+    def peek(self, name: str) -> tuple[str, ServedModel | RemoteModel | None]:
+        """The state of the model `name` names and the model if it can serve now, without causing any work (a probe
+        must never start a lazy model's load): ("remote" | "loaded" | "pending" | "loading" | "failed", model)."""
+        slot = self._slots[self.resolve(name)]
+        if slot.config.provider:
+            return "remote", RemoteModel(slot.config, self.provider(slot.config.provider), slot.config.upstream_model or slot.config.id)
+        if slot.model is not None:
+            return "loaded", slot.model
+        return slot.state, None
+
     async def get(self, name: str, wait: bool = True, timeout: float | None = None) -> ServedModel | RemoteModel:
         """The model for `name`; while it loads, waits (bounded by `timeout`) or answers UNAVAILABLE."""
         slot = self._slots[self.resolve(name)]
