@@ -159,6 +159,11 @@ class EnvoyConfig:
     max_heap_bytes: int = 384 * 1024 * 1024
     # Downstream connections Envoy holds at once; more are refused.
     max_connections: int = 4096
+    # Seconds a caller's connection may sit with no request in flight before Envoy closes it (a new one that sends
+    # nothing at all is closed after 5 s).
+    idle_timeout_seconds: float = 60.0
+    # Streams (gRPC calls) one HTTP/2 connection may carry at once.
+    max_streams_per_connection: int = 128
     # Longest a request may take through Envoy (also the gRPC deadline it allows).
     route_timeout_seconds: float = 120.0
 
@@ -346,6 +351,8 @@ class Config:
                 raise ConfigError(f"server.{key}: must be >= 0")
         if self.auth.reload_interval_seconds < 0:
             raise ConfigError("auth.reload_interval_seconds: must be >= 0")
+        if self.envoy.idle_timeout_seconds <= 0 or self.envoy.max_streams_per_connection < 1:
+            raise ConfigError("envoy.idle_timeout_seconds and envoy.max_streams_per_connection: must be > 0")
         if not 0 <= self.envoy.retries <= 10:
             raise ConfigError("envoy.retries: must be between 0 and 10")
         # A file that names some dialects keeps the defaults of the others.

@@ -230,6 +230,11 @@ def render(config: Config, upstreams: list[tuple[str, int]] | None = None, descr
         "generate_request_id": True,
         # A caller must send its headers promptly; a stalled body is cut by Envoy's stream idle timeout (5 min).
         "request_headers_timeout": "10s",
+        # A connection with no request in flight is closed after this (Envoy's default is an hour: 4,100 idle
+        # connections held the whole connection budget); gRPC and HTTP/2 clients reconnect on their own.
+        "common_http_protocol_options": {"idle_timeout": f"{env.idle_timeout_seconds:g}s"},
+        # Streams one HTTP/2 connection may carry at once (Envoy's default is 2**31 - 1).
+        "http2_protocol_options": {"max_concurrent_streams": env.max_streams_per_connection},
         # A request id from the caller (or the mesh's ingress) is kept, so one id follows the request everywhere.
         "preserve_external_request_id": True,
         "route_config": {
@@ -294,6 +299,12 @@ def render(config: Config, upstreams: list[tuple[str, int]] | None = None, descr
             "name": "embeddings",
             "address": {"socket_address": {"address": host, "port_value": env.listen_port}},
             "per_connection_buffer_limit_bytes": 1024 * 1024,
+            # A connection that sends nothing is closed after FIRST_BYTES_SECONDS: request_headers_timeout starts only
+            # at the first byte, so silent connections would otherwise sit until the idle timeout, holding the budget.
+            "listener_filters": [{"name": "envoy.filters.listener.http_inspector", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.listener.http_inspector.v3.HttpInspector"}}],
+            "listener_filters_timeout": f"{FIRST_BYTES_SECONDS}s",
+            "continue_on_listener_filters_timeout": False,
             "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
         }
     ]
@@ -362,6 +373,10 @@ def grpc_cluster(upstreams: list[tuple[str, int]]) -> dict[str, Any]:
     }
 
 
+# Seconds a new connection has to send its first bytes.
+FIRST_BYTES_SECONDS = 5
+
+
 def overload_manager(max_heap_bytes: int, max_connections: int) -> dict[str, Any]:
     """Envoy's bounds on itself: its heap (streams that buffer the most are reset first, then new requests wait) and
     its downstream connections."""
@@ -383,6 +398,15 @@ def overload_manager(max_heap_bytes: int, max_connections: int) -> dict[str, Any
             {"name": "envoy.overload_actions.reset_high_memory_stream",
              "triggers": [{"name": heap, "scaled": {"scaling_threshold": 0.85, "saturation_threshold": 0.95}}]},
             {"name": "envoy.overload_actions.stop_accepting_requests", "triggers": [{"name": heap, "threshold": {"value": 0.95}}]},
+            # Short of memory, idle connections and stalled streams go sooner (down to 2 s and a tenth).
+            {"name": "envoy.overload_actions.reduce_timeouts",
+             "triggers": [{"name": heap, "scaled": {"scaling_threshold": 0.8, "saturation_threshold": 0.95}}],
+             "typed_config": {
+                 "@type": "type.googleapis.com/envoy.config.overload.v3.ScaleTimersOverloadActionConfig",
+                 "timer_scale_factors": [
+                     {"timer": "HTTP_DOWNSTREAM_CONNECTION_IDLE", "min_timeout": "2s"},
+                     {"timer": "HTTP_DOWNSTREAM_STREAM_IDLE", "min_scale": {"value": 10}},
+                 ]}},
         ],
     }
 

@@ -678,3 +678,55 @@ def test_nan_or_infinity_inside_a_value_is_a_clean_invalid_argument(stack, case)
             getattr(stub_class(ch), method)(request, timeout=30)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.value.code(), e.value.details())
     assert "NaN or Infinity" in e.value.details()
+
+
+def test_silent_connections_cannot_hold_envoys_connection_budget(tmp_path):
+    """Issue 27.6: request_headers_timeout starts at the first byte and the idle timeout was Envoy's hour, so
+    connections that send nothing held the whole budget (4,100 of them, 4,096 allowed). Now a connection that sends
+    nothing is closed after a few seconds: with the budget filled by silent connections, a caller gets in as soon as
+    they are gone, and a connection that sent a request and then idles is closed after the idle timeout."""
+    import socket
+
+    cfg = stack_config()
+    cfg.envoy.max_connections = 64
+    cfg.envoy.idle_timeout_seconds = 3
+    with Stack(cfg.validate(), log_dir=tmp_path) as s:
+        port = s.config.envoy.listen_port
+        silent = []
+        for _ in range(80):
+            try:
+                silent.append(socket.create_connection(("127.0.0.1", port), timeout=2))
+            except OSError:
+                pass
+        opened = time.monotonic()
+        served_after = None
+        while time.monotonic() - opened < 20:
+            try:
+                if requests.post(s.http_url + "/v1/embeddings", json={"input": "hi", "model": MODEL}, timeout=3).status_code == 200:
+                    served_after = time.monotonic() - opened
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        closed = 0
+        for sock in silent:
+            sock.settimeout(0.1)
+            try:
+                closed += sock.recv(1) == b""
+            except OSError:
+                closed += 1
+            sock.close()
+        assert len(silent) >= cfg.envoy.max_connections
+        print(f"\n{len(silent)} silent connections; a caller served after {served_after}s; {closed} closed by Envoy")
+        assert served_after is not None and served_after <= envoy.FIRST_BYTES_SECONDS + 3, served_after
+        assert closed == len(silent)
+        # Idle after a request: closed after idle_timeout_seconds.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            c.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert c.recv(4096).startswith(b"HTTP/1.1 200")
+            started = time.monotonic()
+            c.settimeout(15)
+            while c.recv(4096):
+                pass
+            # the idle timeout, then Envoy's drain (5 s by default) before the close
+            assert time.monotonic() - started <= cfg.envoy.idle_timeout_seconds + 5 + 2
