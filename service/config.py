@@ -197,6 +197,17 @@ class LimitsConfig:
     max_queued_tokens: int = 262_144
     # The deadline of a request whose caller set none (seconds).
     request_timeout_seconds: float = 120.0
+    # Streams (TEI's gRPC EmbedStream and its kin) served at once; more are refused (RESOURCE_EXHAUSTED).
+    max_streams: int = 256
+    # Streams one credential holds at once (keyless callers share one); more are refused.
+    max_streams_per_credential: int = 32
+    # Bytes one stream may hold (requests read and not yet answered, answers not yet read); past it the stream stops
+    # reading (its caller's writes wait on flow control), it never buffers more.
+    max_stream_bytes: int = 16 * 1024 * 1024
+    # Bytes all streams together may hold; past it every stream stops reading until some are answered.
+    max_streams_bytes: int = 128 * 1024 * 1024
+    # A stream that sends nothing while nothing of its is in flight, or reads none of its answers, for this long ends.
+    stream_idle_seconds: float = 60.0
 
 
 @dataclass

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from . import dialects, metrics, offload, rpc, tracing
+from . import dialects, metrics, offload, rpc, streams, tracing
 from .auth import CredentialStore
 from .config import Config
 from .engine.cache import EmbeddingCache
@@ -99,6 +99,7 @@ class EmbeddingServer:
         self._loop = asyncio.get_running_loop()
         rpc.LONG_INPUTS.update(self.config.dialects.long_inputs)
         rpc.MAX_PARSING_BYTES = self.config.server.max_parsing_bytes
+        streams.configure(self.config.limits)
         for dialect in self.dialects:  # one servicer per dialect, all over the same embedder
             dialect.add_to_server(self.server, self.embedder, self.config)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -595,15 +595,16 @@ with grpc.insecure_channel(sys.argv[2]) as ch:
 def test_health_is_503_unhealthy_when_the_model_does_not_serve():
     from service import errors
     from service.dialects import tei
+    from service.dialects.tei.http_api import healthy
 
     class Registry:
-        async def get(self, name, wait=True, timeout=None):
-            raise errors.model_loading("m", 3.0)
+        def peek(self, name):
+            return "loading", None
 
     class Embedder:
         registry = Registry()
 
-    assert asyncio.run(tei.healthy(Embedder(), "")) is False
+    assert asyncio.run(healthy(Embedder(), "")) is False
     err = errors.ServiceError(grpc.StatusCode.UNAVAILABLE, "unhealthy", reason="UNHEALTHY")
     assert tei.error_body(err) == {"error": "unhealthy", "error_type": "Unhealthy"} and tei.http_status(err) == 503
 
@@ -718,8 +719,7 @@ def test_health_needs_no_key_tei_routes_follow_the_knob_and_switched_off_dialect
 def test_streams_answer_in_order_and_never_read_far_ahead_of_a_slow_caller():
     import random
 
-    from service import errors
-    from service.dialects import tei
+    from service import errors, streams
 
     pulled = []
 
@@ -733,14 +733,14 @@ def test_streams_answer_in_order_and_never_read_far_ahead_of_a_slow_caller():
         return [x * 10 for x in group], None
 
     async def main():
-        got = [x async for x in tei.in_order(requests_(3000), run, group_size=16)]
+        got = [x async for x in streams.in_order(requests_(3000), run, group_size=16, size=lambda m: 8)]
         assert got == [i * 10 for i in range(3000)]
         # A caller that reads one answer and stops: the stream reads only what its window and inbox hold.
         pulled.clear()
-        stream = tei.in_order(requests_(100_000), run, group_size=16)
+        stream = streams.in_order(requests_(100_000), run, group_size=16, size=lambda m: 8)
         assert await stream.__anext__() == 0
         await asyncio.sleep(0.2)
-        assert len(pulled) <= 16 * (tei.WINDOW + 3), len(pulled)
+        assert len(pulled) <= 16 * (streams.WINDOW + 3), len(pulled)
         await stream.aclose()
 
         async def failing(group):
@@ -751,7 +751,7 @@ def test_streams_answer_in_order_and_never_read_far_ahead_of_a_slow_caller():
 
         seen = []
         with pytest.raises(errors.ServiceError, match="seven"):
-            async for x in tei.in_order(requests_(50), failing, group_size=4):
+            async for x in streams.in_order(requests_(50), failing, group_size=4, size=lambda m: 8):
                 seen.append(x)
         assert seen == [i * 10 for i in range(7)]
 

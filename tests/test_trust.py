@@ -272,9 +272,9 @@ def test_what_stays_open_can_be_switched_off(bounded, stack):
 # -- 5. one huge request never stalls another ---------------------------------------------------------------
 
 
-def canary(stack) -> float:
+def canary(stack, headers: dict[str, str] | None = None) -> float:
     t0 = time.perf_counter()
-    r = requests.post(stack.http_url + "/v1/embeddings", json={"input": f"canary {random.random()}", "model": MODEL}, timeout=60)
+    r = requests.post(stack.http_url + "/v1/embeddings", json={"input": f"canary {random.random()}", "model": MODEL}, headers=headers, timeout=60)
     assert r.status_code == 200, r.text
     return time.perf_counter() - t0
 
@@ -645,7 +645,7 @@ def test_envoys_metrics_listener_serves_only_metrics(tmp_path):
 
     cfg = stack_config()
     cfg.envoy.metrics_port = free_port()
-    with Stack(cfg.validate(), log_dir=tmp_path) as s:
+    with Stack(cfg.validate(), log_dir=tmp_path):
         base = f"http://127.0.0.1:{cfg.envoy.metrics_port}"
         assert requests.get(base + "/metrics", timeout=5).status_code == 200
         for path in ("/stats", "/quitquitquit", "/healthcheck/fail", "/clusters", "/v1/embeddings"):
@@ -730,3 +730,137 @@ def test_silent_connections_cannot_hold_envoys_connection_budget(tmp_path):
                 pass
             # the idle timeout, then Envoy's drain (5 s by default) before the close
             assert time.monotonic() - started <= cfg.envoy.idle_timeout_seconds + 5 + 2
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process and its live children, in MiB."""
+    total = 0
+    for p in [pid] + [int(x) for x in open(f"/proc/{pid}/task/{pid}/children").read().split()]:
+        try:
+            total += int(next(line for line in open(f"/proc/{p}/status") if line.startswith("VmRSS:")).split()[1])
+        except (OSError, StopIteration):
+            pass
+    return total / 1024
+
+
+@pytest.fixture(scope="module")
+def streaming(keys_file, tmp_path_factory):
+    """A keyed stack with small stream bounds: 3 streams per credential, 4 MiB per stream, 6 MiB for all, 2 s idle."""
+    cfg = stack_config()
+    cfg.auth.keys_file = str(keys_file)
+    cfg.limits.max_streams_per_credential = 3
+    cfg.limits.max_stream_bytes = 4 * 1024 * 1024
+    cfg.limits.max_streams_bytes = 6 * 1024 * 1024
+    cfg.limits.stream_idle_seconds = 2.0
+    with Stack(cfg.validate(), log_dir=tmp_path_factory.mktemp("streaming-logs")) as s:
+        yield s
+
+
+def test_a_stream_reads_no_more_than_its_bytes_allow():
+    """Issue 27.2, the mechanism: a stream holds at most limits.max_stream_bytes of requests read and not answered, and
+    all streams together limits.max_streams_bytes; past either it stops reading (the caller's writes then wait on
+    gRPC's flow control). Before, a stream read ahead by count only: WINDOW groups of GROUP messages and an inbox,
+    ~1,150 of them whatever their size."""
+    import asyncio
+
+    from service import streams
+    from service.config import LimitsConfig
+
+    MiB = 1 << 20
+    limits = LimitsConfig(max_stream_bytes=4 * MiB, max_streams_bytes=6 * MiB, stream_idle_seconds=60)
+    server = streams.Streams(limits)
+    pulled = {"a": 0, "b": 0}
+
+    async def requests_(name):
+        for i in range(1000):
+            pulled[name] += 1
+            yield i
+
+    async def never(group):  # work that never ends: nothing is ever answered, nothing released
+        await asyncio.sleep(3600)
+
+    async def main():
+        a = streams.in_order(requests_("a"), never, group_size=16, streams=server, size=lambda m: MiB)
+        b = streams.in_order(requests_("b"), never, group_size=16, streams=server, size=lambda m: MiB)
+        ta, tb = asyncio.ensure_future(a.__anext__()), asyncio.ensure_future(b.__anext__())
+        await asyncio.sleep(0.5)
+        held = server.budget.held
+        ta.cancel(), tb.cancel()
+        await asyncio.gather(ta, tb, return_exceptions=True)
+        await a.aclose(), await b.aclose()
+        return held, server.budget.held
+
+    held, after = asyncio.run(main())
+    # Each read message is 1 MiB: a stream is stopped by its own 4 MiB or by what is left of the 6 MiB (each may have
+    # pulled one more off its stream, waiting for room).
+    assert held == 6 * MiB and max(pulled.values()) <= 5 and sum(pulled.values()) <= 6 + 2, (pulled, held)
+    assert after == 0  # everything given back when the streams end
+
+
+def test_streams_that_never_read_hold_bounded_memory(streaming):
+    """Issue 27.2, end to end: two EmbedStreams writing 1,200 messages of 200,000 characters (truncate: true) and never
+    reading an answer grew the server by ~530 MiB here (450 -> 980 MiB); a stream's window counted messages, not bytes.
+    Bounded now by bytes (4 MiB a stream and 6 MiB in all on this stack)."""
+    from tei.v1 import tei_pb2, tei_pb2_grpc
+
+    text = "word " * 40_000
+    pid = streaming.servers[0].pid
+    for _ in range(3):
+        canary(streaming, bearer(ALPHA))
+    before = rss_mib(pid)
+    channels, calls = [], []
+    for key in (ALPHA, CHARLIE):
+        ch = grpc.insecure_channel(streaming.envoy_target)
+        channels.append(ch)
+        # Never read: the call's answers are left in its queue.
+        calls.append(tei_pb2_grpc.EmbedStub(ch).EmbedStream(iter(tei_pb2.EmbedRequest(inputs=text, truncate=True) for _ in range(1200)),
+                                                              metadata=[("authorization", f"Bearer {key}")], timeout=120))
+    peak = before
+    for _ in range(16):
+        time.sleep(0.5)
+        peak = max(peak, rss_mib(pid))
+    print(f"\nserver RSS {before:.0f} -> peak {peak:.0f} MiB")
+    for c in calls:
+        c.cancel()
+    for ch in channels:
+        ch.close()
+    assert peak - before < 250, (before, peak)
+    wait_for(lambda: canary(streaming, bearer(ALPHA)) < 5, what="a caller served after the streams")
+
+
+def test_streams_per_credential_are_bounded_and_idle_streams_end(streaming):
+    """Issue 27.11: 1,024 idle keyed EmbedStreams filled server.max_concurrent_rpcs for everyone. A credential now holds
+    at most limits.max_streams_per_credential streams (another credential is not affected), and a stream that sends
+    nothing while nothing of its is in flight ends after limits.stream_idle_seconds."""
+    from tei.v1 import tei_pb2, tei_pb2_grpc
+
+    stop = threading.Event()
+
+    def silent():
+        while not stop.is_set():
+            time.sleep(0.05)
+        return
+        yield  # noqa: B901 - a generator that sends nothing
+
+    with grpc.insecure_channel(streaming.envoy_target) as ch:
+        stub = tei_pb2_grpc.EmbedStub(ch)
+        alpha = [("authorization", f"Bearer {ALPHA}")]
+        held = [stub.EmbedStream(silent(), metadata=alpha, timeout=30) for _ in range(3)]
+        time.sleep(0.5)
+        fourth = stub.EmbedStream(iter([tei_pb2.EmbedRequest(inputs="hi")]), metadata=alpha, timeout=30)
+        with pytest.raises(grpc.RpcError) as e:
+            list(fourth)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "streams" in e.value.details()
+        other = list(stub.EmbedStream(iter([tei_pb2.EmbedRequest(inputs="hi")]), metadata=[("authorization", f"Bearer {CHARLIE}")], timeout=30))
+        assert len(other) == 1 and len(other[0].embeddings) == 384
+        # The silent ones end on their own once idle (2 s here).
+        started = time.monotonic()
+        for call in held:
+            with pytest.raises(grpc.RpcError) as e:
+                list(call)
+            assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "stream_idle_seconds" in e.value.details()
+        assert time.monotonic() - started < 10
+        stop.set()
+        # Their places are free again.
+        again = list(stub.EmbedStream(iter([tei_pb2.EmbedRequest(inputs="hi")]), metadata=alpha, timeout=30))
+        assert len(again) == 1

@@ -158,7 +158,7 @@ def cpu_seconds(pid: int | str = "self") -> float:
 async def bulk_stream(target: str, texts: list[str], window: int = 2048, bar=None) -> tuple[float, int]:
     """Streams `texts` over one TEI EmbedStream call (one message each), `window` in flight: (seconds, answers).
 
-    2048 in flight, more than the server takes (its window of ~1,150, tei.WINDOW × tei.GROUP and an inbox): as a
+    2048 in flight, more than the server takes (its window of ~1,150, streams.WINDOW × streams.GROUP and an inbox): as a
     client writing as fast as flow control lets it would, so the server holds as many texts as it batches from. With
     512 in flight the server has only those 512 to batch: measured, 26.1k tokens/s against 28.3k at 2048."""
     import grpc
