@@ -415,3 +415,35 @@ async def test_a_thread_that_dies_mid_batch_fails_that_batch_not_to_be_retried_e
         assert after.pooled[0, 0] == 3
     finally:
         b.stop(5)
+
+
+def test_a_large_request_in_front_of_a_full_queue_holds_the_event_loop_briefly(runtime):
+    """Issue 27.5: the queue was a sorted list: each input's insert moved the queue behind it, on the event loop under
+    the batcher's lock, so a 2,048-input request of texts shorter than everything queued, in front of a full queue
+    (75k short inputs), held every caller 270 ms; a request gone dead made the next batch rebuild the whole queue
+    (27 ms). Now a sorted structure with logarithmic inserts (7 ms here), and only the dead request's own inputs go."""
+    rng = random.Random(1)
+    b = Batcher("m", runtime, first_token_head, 4, 0, 2048, 256)  # threads not started: the queue only fills
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        total = 0
+        jobs = []
+        while total < 262_144:
+            items = [tokens(5, rng.randrange(3, 5)) for _ in range(64)]
+            total += sum(len(t) for t in items)
+            jobs.append(Job(items, False, loop))
+            b.submit(jobs[-1])
+        started = time.perf_counter()
+        b.submit(Job([tokens(5, 2) for _ in range(2048)], False, loop))  # each one shorter than all queued
+        held = time.perf_counter() - started
+        queued = b.queued_inputs
+        jobs[0].cancelled = True  # the next batch's anchor is dead: its inputs leave the queue, nothing else
+        with b._cond:
+            batch = b._take_batch()
+        return held, queued, b.queued_inputs, batch
+
+    held, queued, after, batch = asyncio.run(main())
+    print(f"\n2,048 inputs in front of {queued - 2048:,}: the event loop held {held * 1000:.1f} ms")
+    assert held < 0.05, held
+    assert after == queued - 64 - len(batch) and all(not e.job.cancelled for e in batch)

@@ -18,7 +18,6 @@ Why this shape:
 from __future__ import annotations
 
 import asyncio
-import bisect
 import collections
 import logging
 import threading
@@ -28,6 +27,7 @@ from typing import Callable
 
 import grpc
 import numpy as np
+from sortedcontainers import SortedKeyList
 
 from .. import errors
 from ..runtimes.base import Runtime
@@ -80,6 +80,10 @@ class _Entry:
     taken: bool = False
 
 
+def _entry_key(entry: _Entry) -> tuple[int, int]:
+    return entry.key
+
+
 @dataclass
 class BatchStats:
     size: int
@@ -125,8 +129,10 @@ class Batcher:
         # texts of many lengths it would leave few inputs of each width to batch.
         self.max_padding = max_padding
         self._cond = threading.Condition()
-        self._keys: list[tuple[int, int]] = []  # sorted
-        self._entries: list[_Entry] = []  # parallel to _keys
+        # The queue, sorted by (length, arrival): logarithmic to insert into and to take a run of neighbours from (a
+        # list's insert moved the whole queue: a 2,048-input request of short texts in front of a full queue held the
+        # lock, and the event loop, 270 ms).
+        self._queue: SortedKeyList = SortedKeyList(key=_entry_key)
         self._rotation: collections.deque[Job] = collections.deque()  # requests with queued inputs, in turn
         self._seq = 0
         self._queued_tokens = 0
@@ -168,7 +174,7 @@ class Batcher:
 
     @property
     def queued_inputs(self) -> int:
-        return len(self._keys)
+        return len(self._queue)
 
     def submit(self, job: Job) -> None:
         job.enqueued_at = time.perf_counter()
@@ -181,11 +187,9 @@ class Batcher:
             for i, tokens in enumerate(job.items):
                 self._seq += 1
                 entry = _Entry((len(tokens), self._seq), job, i)
-                pos = bisect.bisect_left(self._keys, entry.key)
-                self._keys.insert(pos, entry.key)
-                self._entries.insert(pos, entry)
                 job.pending.append(entry)
                 self._queued_tokens += len(tokens)
+            self._queue.update(job.pending)
             self._rotation.append(job)
             self._cond.notify()
 
@@ -217,11 +221,11 @@ class Batcher:
             # request that kills a batcher, and would go on to take every replica down.
             poisoned = {id(j): j for j in self._dying}
             self._dying.clear()
-            doomed = {id(e.job): e.job for e in self._entries if id(e.job) not in poisoned}
+            doomed = {id(e.job): e.job for e in self._queue if id(e.job) not in poisoned}
             doomed.update({id(j): j for j in self._rotation if id(j) not in poisoned})
-            for entry in self._entries:
+            for entry in self._queue:
                 entry.taken = True
-            self._keys, self._entries = [], []
+            self._queue.clear()
             self._rotation.clear()
             self._queued_tokens = 0
             self._alone = False
@@ -248,17 +252,17 @@ class Batcher:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while (not self._keys or self._alone) and not self._stopping:
+                while (not self._queue or self._alone) and not self._stopping:
                     self._cond.wait()
-                if self._stopping and not self._keys:
+                if self._stopping and not self._queue:
                     return
                 batch = self._take_batch()
                 if not batch:
                     continue
-                alone = self._busy == 0 and not self._keys
+                alone = self._busy == 0 and not self._queue
                 self._busy += 1
                 self._alone = alone
-                if self._keys:  # work left: wake another stream now, not when this batch is done
+                if self._queue:  # work left: wake another stream now, not when this batch is done
                     self._cond.notify()
             try:
                 self._execute(batch, alone)
@@ -306,14 +310,14 @@ class Batcher:
             break
         else:
             return []
-        keys = self._keys
-        pos = bisect.bisect_left(keys, anchor.key)
+        queue = self._queue
+        pos = queue.bisect_key_left(anchor.key)
         lo = hi = pos
         width = self.width
         # In widths, not lengths: a batch runs at its longest input's width, and an input shorter than that width costs
         # what it would alone (its own width) plus the padding up to the batch's. So inputs of one width join each
         # other for nothing, and the padding cap counts only what mixing widths adds.
-        longest = own = width(keys[pos][0])
+        longest = own = width(queue[pos].key[0])
         n = 1
         budget, cap, keep = self.max_batch_tokens, self.max_batch_size, 1.0 - self.max_padding
         # Grow the window [lo, hi] over the sorted queue, each step adding the neighbour that adds the least padding,
@@ -322,26 +326,25 @@ class Batcher:
         while n < cap:
             left_cost = right_cost = None
             if lo > 0 and (n + 1) * longest <= budget:
-                left = width(keys[lo - 1][0])
+                left = width(queue[lo - 1].key[0])
                 if own + left >= keep * (n + 1) * longest:
                     left_cost = longest - left
-            if hi + 1 < len(keys):
-                new_longest = width(keys[hi + 1][0])
+            if hi + 1 < len(queue):
+                new_longest = width(queue[hi + 1].key[0])
                 if (n + 1) * new_longest <= budget and own + new_longest >= keep * (n + 1) * new_longest:
                     right_cost = (new_longest - longest) * n
             if left_cost is None and right_cost is None:
                 break
             if right_cost is None or (left_cost is not None and left_cost <= right_cost):
                 lo -= 1
-                own += width(keys[lo][0])
+                own += width(queue[lo].key[0])
             else:
                 hi += 1
-                longest = width(keys[hi][0])
+                longest = width(queue[hi].key[0])
                 own += longest
             n += 1
-        window = self._entries[lo : hi + 1]
-        del self._keys[lo : hi + 1]
-        del self._entries[lo : hi + 1]
+        window = queue[lo : hi + 1]
+        del queue[lo : hi + 1]
         batch = []
         for e in window:
             e.taken = True
@@ -359,16 +362,15 @@ class Batcher:
         return min(-(-length // multiple) * multiple, max(length, self.max_width))
 
     def _purge_dead(self, now: float) -> None:
-        """Drops every input of cancelled or expired requests from the queue."""
-        keep_keys, keep_entries = [], []
-        for k, e in zip(self._keys, self._entries):
-            if self._live(e, now):
-                keep_keys.append(k)
-                keep_entries.append(e)
-            else:
-                e.taken = True
-                self._queued_tokens -= k[0]
-        self._keys, self._entries = keep_keys, keep_entries
+        """Drops every input of cancelled or expired requests from the queue: each such request's own inputs, found
+        through the requests in turn, not a rebuild of the whole queue (27 ms for a full one, under the lock)."""
+        for job in list(self._rotation):
+            left = [e for e in job.pending if not e.taken]
+            if left and not self._live(left[0], now):
+                for e in left:
+                    self._queue.discard(e)
+                    e.taken = True
+                    self._queued_tokens -= e.key[0]
 
     def _execute(self, batch: list[_Entry], alone: bool = True) -> None:
         started = time.perf_counter()
