@@ -141,7 +141,7 @@ def idle_error(seconds: float, what: str) -> errors.ServiceError:
 
 
 def _size(message: Any) -> int:
-    return message.ByteSize()
+    return len(message) if isinstance(message, bytes) else message.ByteSize()
 
 
 async def in_order(requests: AsyncIterator[Any], run: Callable[[list[Any]], Awaitable[Group]], group_size: int = GROUP,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import grpc
 import numpy as np
@@ -67,7 +67,7 @@ def add_servicer(server: grpc.aio.Server, service: ServiceDescriptor, servicer: 
     for method in service.methods:
         behavior = getattr(servicer, method.name)
         parse_in = message_factory.GetMessageClass(method.input_type).FromString
-        write_out = message_factory.GetMessageClass(method.output_type).SerializeToString
+        write_out = _writer(message_factory.GetMessageClass(method.output_type).SerializeToString)
         if not method.client_streaming and not method.server_streaming:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(behavior, None, write_out)
         elif not method.client_streaming:
@@ -78,6 +78,16 @@ def add_servicer(server: grpc.aio.Server, service: ServiceDescriptor, servicer: 
             handlers[method.name] = grpc.stream_unary_rpc_method_handler(behavior, parse_in, write_out)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)
+
+
+def _writer(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
+    """A method's response serializer that also takes an answer already in wire form (bytes), as large answers are
+    built (tei: EmbedAllResponse from numpy, without a Python object per token)."""
+
+    def write(message: Any) -> bytes:
+        return message if isinstance(message, bytes) else serialize(message)
+
+    return write
 
 
 def count_inputs(v: struct_pb2.Value | None, max_inputs: int, param: str) -> None:

@@ -51,11 +51,11 @@ def to_response(vectors: np.ndarray, model: str, tokens: int, provider: int) -> 
     return response
 
 
-def to_tokenize_response(ids: list[list[int]], truncated: list[bool], model: str) -> pb.TokenizeResponse:
-    response = pb.TokenizeResponse(usage=pb.EmbedResponse.Usage(token_count=sum(len(x) for x in ids),
-                                                                 model=pb.ModelId(model=model, service_provider=pb.SERVICE_PROVIDER_INWORLD)))
-    for seq, cut in zip(ids, truncated):
-        response.tokens.add(token_ids=seq, token_count=len(seq), truncated=cut)
+def to_tokenize_response(done: tokenization.Tokenized) -> pb.TokenizeResponse:
+    response = pb.TokenizeResponse(usage=pb.EmbedResponse.Usage(token_count=len(done.ids),
+                                                                 model=pb.ModelId(model=done.model, service_provider=pb.SERVICE_PROVIDER_INWORLD)))
+    for e in done.encodings:
+        response.tokens.add(token_ids=e.ids.tolist(), token_count=len(e.ids), truncated=e.truncated)
     return response
 
 
@@ -84,8 +84,7 @@ class InworldServicer:
                 )
             # As Embed reads each text: its default prompt, special tokens, cut to max_seq_length.
             done = await tokenization.tokenize(self.embedder, core.model, core.inputs, truncate=True, param="inputs", deadline=core.deadline)
-            ids = [e.ids for e in done.encodings]
-            return await rpc.encode(to_tokenize_response, sum(len(x) for x in ids), ids, [e.truncated for e in done.encodings], done.model)
+            return await rpc.encode(to_tokenize_response, len(done.ids), done)
 
         return await rpc.handle(context, DIALECT, work)
 

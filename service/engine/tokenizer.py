@@ -28,6 +28,15 @@ class Tokens:
         return len(self.ids)
 
 
+# `encode_batch` lets go of the GIL while it works; `encode` holds it: a 200,000-character text took every other
+# thread's turn, the event loop's included, for ~150 ms. One short text goes through `encode` (less overhead).
+LONG_TEXT = 4096
+
+
+def _batch(texts: list[str]) -> bool:
+    return len(texts) > 1 or len(texts[0]) > LONG_TEXT
+
+
 class TextTokenizer:
     def __init__(self, tokenizer: Tokenizer, max_seq_length: int, vocab_size: int, lowercase: bool = False) -> None:
         self.max_seq_length = max_seq_length
@@ -53,7 +62,7 @@ class TextTokenizer:
         tok = self._variants[direction]
         if self.lowercase:
             texts = [t.lower() for t in texts]
-        encodings = tok.encode_batch(texts) if len(texts) > 1 else [tok.encode(texts[0])]
+        encodings = tok.encode_batch(texts) if _batch(texts) else [tok.encode(texts[0])]
         out = []
         for i, enc in enumerate(encodings):
             if enc.overflowing and not truncate:
@@ -121,9 +130,13 @@ class TextTokenizer:
         tok = self._variants[direction if truncate else "none"]
         if self.lowercase:
             texts = [t.lower() for t in texts]
-        if len(texts) == 1:
+        if not _batch(texts):
             return [tok.encode(texts[0], add_special_tokens=add_special_tokens)]
         return tok.encode_batch(texts, add_special_tokens=add_special_tokens)
+
+    def token_text(self, token_id: int) -> str:
+        """The vocabulary's string for one id (a special token's text: '[CLS]')."""
+        return self._variants["none"].id_to_token(token_id) or ""
 
     def decode(self, sequences: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
         """Token ids back to text (ids outside the vocabulary are skipped, as the tokenizer does)."""

@@ -68,9 +68,10 @@ def backend_codes(err: errors.ServiceError) -> errors.ServiceError:
 def simple_tokens(e: tokenization.Encoded) -> list[dict[str, Any]]:
     """TEI's SimpleTokens: a special token has its token string and null offsets; the others their characters."""
     out = []
-    for id_, token, (start, stop), special in zip(e.ids, e.tokens, e.offsets, e.special):
+    special_texts = iter(e.special_texts)
+    for id_, (start, stop), special in zip(e.ids.tolist(), e.offsets.tolist(), e.special.tolist()):
         if special:
-            out.append({"id": id_, "text": token, "special": True, "start": None, "stop": None})
+            out.append({"id": id_, "text": next(special_texts), "special": True, "start": None, "stop": None})
         else:
             out.append({"id": id_, "text": e.text[start:stop], "special": False, "start": start, "stop": stop})
     return out

@@ -205,8 +205,8 @@ def token_embeddings_body(matrices: list[np.ndarray]) -> httpbody_pb2.HttpBody:
     return json_body([np.ascontiguousarray(m, dtype=np.float32) for m in matrices])
 
 
-def tokens_body(encodings: list[tokenization.Encoded]) -> httpbody_pb2.HttpBody:
-    return json_body([simple_tokens(e) for e in encodings])
+def tokens_body(done: tokenization.Tokenized) -> httpbody_pb2.HttpBody:
+    return json_body([simple_tokens(e) for e in done.encodings])
 
 
 async def respond(context: grpc.aio.ServicerContext, result: EmbedResult, chars: int) -> None:
@@ -250,7 +250,7 @@ class TeiHttpServicer(Base):
             args = await rpc.parse(raw, pb.TeiTokenizeRequest, tokenize_args, self.call(context))
             done = await tokenization.tokenize(self.embedder, self.model, args["texts"], args["add_special_tokens"], args["prompt_name"],
                                                deadline=args["deadline"])
-            return await rpc.encode(tokens_body, 4 * sum(len(e.ids) for e in done.encodings), done.encodings)
+            return await rpc.encode(tokens_body, 4 * len(done.ids), done)
 
         return await rpc.handle(context, dialect(), work)
 
