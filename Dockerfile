@@ -64,9 +64,11 @@ LABEL org.opencontainers.image.title="embedding-service" \
       org.opencontainers.image.licenses="Apache-2.0"
 # HOME: a service user's (none): nothing may count on writing there, and OpenVINO's telemetry, which would phone
 # home from a forked child at import, finds no home and stays off. EMBED__ENVOY__LISTEN_HOST: Envoy listens on the
-# container's interfaces (the server stays on its loopback, behind Envoy's bounds).
+# container's interfaces (the server stays on its loopback, behind Envoy's bounds). EMBED__SERVER__GRACE_SECONDS: a
+# drain that ends within `docker stop`'s 10 s (requests in flight get 7 s; Envoy's last answers up to 2 s more).
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
-    EMBED_CACHE_DIR=/var/cache/embedding-service HOME=/nonexistent EMBED__ENVOY__LISTEN_HOST=0.0.0.0
+    EMBED_CACHE_DIR=/var/cache/embedding-service HOME=/nonexistent EMBED__ENVOY__LISTEN_HOST=0.0.0.0 \
+    EMBED__SERVER__GRACE_SECONDS=7
 COPY --from=venv /opt/venv /opt/venv
 COPY --from=build /app/service /app/service
 COPY --from=build /app/gen /app/gen

@@ -99,7 +99,7 @@ bench: $(GEN_STAMP) $(if $(PEERS),$(PEERS_STAMPS))  ## throughput and latency ag
 docs: $(STAMP)  ## regenerate the README's configuration and metrics references
 	$(PY) -m service.tools.docs
 
-deploy: $(STAMP)  ## render deploy/ and envoy.yaml from the config (CONFIG=file)
+deploy: $(GEN_STAMP)  ## render deploy/ and envoy.yaml from the config (CONFIG=file)
 	$(PY) -m service.deploy $(if $(CONFIG),--config $(CONFIG))
 	$(PY) -m service.envoy $(if $(CONFIG),--config $(CONFIG)) > envoy.yaml
 

@@ -362,6 +362,8 @@ class Config:
                 raise ConfigError(f"server.{key}: must be >= 0")
         if self.auth.reload_interval_seconds < 0:
             raise ConfigError("auth.reload_interval_seconds: must be >= 0")
+        if self.limits.max_stream_bytes > self.limits.max_streams_bytes:
+            raise ConfigError("limits.max_stream_bytes: must not be more than limits.max_streams_bytes (all streams together)")
         if self.envoy.idle_timeout_seconds <= 0 or self.envoy.max_streams_per_connection < 1:
             raise ConfigError("envoy.idle_timeout_seconds and envoy.max_streams_per_connection: must be > 0")
         if not 0 <= self.envoy.retries <= 10:

@@ -318,12 +318,11 @@ def render(config: Config) -> dict[str, dict[str, Any]]:
 
 
 def network_policy(cfg: Config) -> dict[str, Any]:
-    """Who may connect to the pod: anyone to Envoy's API port and its readiness listener (the kubelet's probes),
-    Prometheus (SCRAPER_LABELS, any namespace) to the metrics port; nothing else (the server and Envoy's admin are on
-    the pod's loopback anyway)."""
-    ingress: list[dict[str, Any]] = [
-        {"ports": [{"port": "http", "protocol": "TCP"}, {"port": "ready", "protocol": "TCP"}]},
-    ]
+    """Who may connect to the pod: anyone to Envoy's API port, Prometheus (SCRAPER_LABELS, any namespace) to the
+    metrics port; nothing else. The kubelet's probes come from the node, which a NetworkPolicy never blocks, so the
+    readiness listener is closed to other pods (holding its connections would fail every probe). The server and
+    Envoy's admin are on the pod's loopback anyway."""
+    ingress: list[dict[str, Any]] = [{"ports": [{"port": "http", "protocol": "TCP"}]}]
     if cfg.server.metrics:
         ingress.append({"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": dict(SCRAPER_LABELS)}}],
                         "ports": [{"port": "metrics", "protocol": "TCP"}]})

@@ -234,7 +234,7 @@ def render(config: Config, upstreams: list[tuple[str, int]] | None = None, descr
         # connections held the whole connection budget); gRPC and HTTP/2 clients reconnect on their own.
         "common_http_protocol_options": {"idle_timeout": f"{env.idle_timeout_seconds:g}s"},
         # Streams one HTTP/2 connection may carry at once (Envoy's default is 2**31 - 1).
-        "http2_protocol_options": {"max_concurrent_streams": env.max_streams_per_connection},
+        "http2_protocol_options": {"max_concurrent_streams": env.max_streams_per_connection, **h2_windows()},
         # A request id from the caller (or the mesh's ingress) is kept, so one id follows the request everywhere.
         "preserve_external_request_id": True,
         "route_config": {
@@ -301,10 +301,7 @@ def render(config: Config, upstreams: list[tuple[str, int]] | None = None, descr
             "per_connection_buffer_limit_bytes": 1024 * 1024,
             # A connection that sends nothing is closed after FIRST_BYTES_SECONDS: request_headers_timeout starts only
             # at the first byte, so silent connections would otherwise sit until the idle timeout, holding the budget.
-            "listener_filters": [{"name": "envoy.filters.listener.http_inspector", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.listener.http_inspector.v3.HttpInspector"}}],
-            "listener_filters_timeout": f"{FIRST_BYTES_SECONDS}s",
-            "continue_on_listener_filters_timeout": False,
+            **first_bytes(FIRST_BYTES_SECONDS),
             "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
         }
     ]
@@ -361,7 +358,7 @@ def grpc_cluster(upstreams: list[tuple[str, int]]) -> dict[str, Any]:
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}},
+                "explicit_http_config": {"http2_protocol_options": h2_windows()},
             }
         },
         "load_assignment": {
@@ -375,6 +372,25 @@ def grpc_cluster(upstreams: list[tuple[str, int]]) -> dict[str, Any]:
 
 # Seconds a new connection has to send its first bytes.
 FIRST_BYTES_SECONDS = 5
+# HTTP/2 flow-control windows (Envoy's defaults are 256 MiB a stream, which it would buffer for a caller that
+# writes and never reads): a stream that stops reading stops its caller within this much.
+STREAM_WINDOW_BYTES = 1024 * 1024
+CONNECTION_WINDOW_BYTES = 4 * 1024 * 1024
+
+
+def first_bytes(seconds: float) -> dict[str, Any]:
+    """Listener options: a connection that sends nothing for `seconds` is closed (the http_inspector listener filter
+    waits for the first bytes; on its timeout the connection goes)."""
+    return {
+        "listener_filters": [{"name": "envoy.filters.listener.http_inspector", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.listener.http_inspector.v3.HttpInspector"}}],
+        "listener_filters_timeout": f"{seconds:g}s",
+        "continue_on_listener_filters_timeout": False,
+    }
+
+
+def h2_windows() -> dict[str, int]:
+    return {"initial_stream_window_size": STREAM_WINDOW_BYTES, "initial_connection_window_size": CONNECTION_WINDOW_BYTES}
 
 
 def overload_manager(max_heap_bytes: int, max_connections: int) -> dict[str, Any]:
@@ -452,6 +468,10 @@ def readiness_listener(host: str, port: int, replicas: int) -> dict[str, Any]:
         "name": "readiness",
         "address": {"socket_address": {"address": host, "port_value": port}},
         "per_connection_buffer_limit_bytes": 32 * 1024,
+        # Probes come and go at once: a connection silent for 2 s goes, and the API's connection budget never shuts
+        # the probes out (this listener has its own limit, below).
+        **first_bytes(2),
+        "ignore_global_conn_limit": True,
         "filter_chains": [{"filters": [_connection_limit("readiness", 64),
                                        {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
     }
@@ -524,6 +544,7 @@ def metrics_listener(host: str, port: int) -> dict[str, Any]:
         "name": "metrics",
         "address": {"socket_address": {"address": host, "port_value": port}},
         "per_connection_buffer_limit_bytes": 32 * 1024,
+        **first_bytes(2),
         "filter_chains": [{"filters": [_connection_limit("metrics", METRICS_MAX_CONNECTIONS),
                                        {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
     }

@@ -187,6 +187,9 @@ class Stack:
             out = self._log(f"server-{i}.log")
             proc = subprocess.Popen(
                 [sys.executable, "-m", "service", "--config", "-"],
+                # A group of its own: a terminal's Ctrl-C reaches this process only, which stops them in order
+                # (Envoy, signalled with the rest of the group, exited at once and cut what it held).
+                process_group=0,
                 stdin=subprocess.PIPE,
                 stdout=out,
                 stderr=None if out is None else subprocess.STDOUT,
@@ -207,6 +210,7 @@ class Stack:
         # (it holds no secret): nothing is written to disk.
         self.envoy = subprocess.Popen(
             [envoy_binary(), "--config-yaml", envoy_yaml, "--log-level", "warn", "--disable-hot-restart"],
+            process_group=0,
             stdout=envoy_log,
             stderr=None if envoy_log is None else subprocess.STDOUT,
             cwd=ROOT,

@@ -167,6 +167,7 @@ class MetricsServer:
             writer.transport.abort()
             return
         self.active += 1
+        closed = False
         try:
             try:
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.timeout)
@@ -182,15 +183,16 @@ class MetricsServer:
                 status, body, kind = b"404 Not Found", b"only GET /metrics\n", b"text/plain"
             writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: " + kind + b"\r\nContent-Length: " + str(len(body)).encode()
                          + b"\r\nConnection: close\r\n\r\n" + (body if method == b"GET" else b""))
+            writer.close()  # once what is buffered has been sent
             try:
-                await asyncio.wait_for(writer.drain(), self.timeout)
+                await asyncio.wait_for(writer.wait_closed(), self.timeout)
+                closed = True
             except (asyncio.TimeoutError, ConnectionError):
                 return
-            writer.close()
         finally:
             self.active -= 1
-            # Whatever is left (a caller that sent half a request, or stopped reading) is dropped, never waited on.
-            writer.transport.abort()
+            if not closed:  # a caller that sent half a request, or stopped reading: dropped, never waited on
+                writer.transport.abort()
 
 
 def serve(host: str, port: int, collector: Collector) -> Callable[[], None] | None:

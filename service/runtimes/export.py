@@ -1,7 +1,7 @@
 """ONNX export of a model folder's transformer, at first use, cached on disk.
 
-The ONNX Runtime and OpenVINO runtimes both read this file. The cache key covers the folder's files (names, sizes
-and content samples) and the export's format, so a changed model is exported again, and an export made elsewhere
+The ONNX Runtime and OpenVINO runtimes both read this file. The cache key covers the folder's files (names and
+content) and the export's format, so a changed model is exported again, and an export made elsewhere
 serves the same files anywhere; files are written to a temporary name and renamed, so concurrent servers never read
 a half-written model.
 """
@@ -39,22 +39,17 @@ def cache_dir() -> Path:
 EXPORT_FORMAT = "1"
 
 
-SAMPLE = 1 << 20
-
-
 def _key(folder: str) -> str:
-    """The folder's files by name, size and content (their first and last MiB), not by path or time: an export made
-    on one machine (with torch) serves the same model copied anywhere else, a container included."""
-    h = hashlib.sha256(f"export format {EXPORT_FORMAT}".encode())
+    """The folder's files by name and content (a hash of every byte), not by path or time: an export made on one
+    machine (with torch) serves the same model copied anywhere else, a container included, and two models that differ
+    anywhere never share one (sampling parts of the files could miss a fine-tune). ~0.1 s for 90 MB."""
+    h = hashlib.blake2b(f"export format {EXPORT_FORMAT}".encode(), digest_size=16)
     for f in sorted(Path(folder).glob("*")):
         if f.is_file():
-            size = f.stat().st_size
-            h.update(f"{f.name}:{size}:".encode())
+            h.update(f"{f.name}:{f.stat().st_size}:".encode())
             with open(f, "rb") as fh:
-                h.update(fh.read(SAMPLE))
-                if size > 2 * SAMPLE:
-                    fh.seek(-SAMPLE, os.SEEK_END)
-                    h.update(fh.read(SAMPLE))
+                while chunk := fh.read(1 << 22):
+                    h.update(chunk)
     return h.hexdigest()[:16]
 
 

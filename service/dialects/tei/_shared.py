@@ -110,8 +110,10 @@ def info_fields(model: ServedModel | RemoteModel, pooling: tuple[str, ...], embe
 def _version() -> str:
     try:
         return importlib.metadata.version("embedding-service")
-    except importlib.metadata.PackageNotFoundError:
-        return "0"
+    except importlib.metadata.PackageNotFoundError:  # the image runs the source, not an installed package
+        from ... import __version__
+
+        return __version__
 
 
 VERSION = _version()
