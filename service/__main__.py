@@ -30,18 +30,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def build_config(args: argparse.Namespace) -> config_mod.Config:
-    cfg = config_mod.load(args.config)
-    if args.host:
-        cfg.server.host = args.host
-    if args.grpc_port is not None:
-        cfg.server.grpc_port = args.grpc_port
-    if args.log_level:
-        cfg.server.log_level = args.log_level
-    if args.log_format:
-        cfg.server.log_format = args.log_format
-    if args.model:
-        cfg.models = config_mod.models_from_specs(args.model)
-    return cfg.validate()
+    flags = {"server.host": args.host or None, "server.grpc_port": args.grpc_port, "server.log_level": args.log_level or None,
+             "server.log_format": args.log_format or None}
+    return config_mod.apply_flags(config_mod.load(args.config), flags, args.model)
 
 
 def bound_runtime_caches(cfg: config_mod.Config) -> None:

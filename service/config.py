@@ -401,6 +401,18 @@ def _secret(path: str) -> bool:
     return path.rsplit(".", 1)[-1].endswith(("key", "secret", "token", "password"))
 
 
+def apply_flags(cfg: Config, flags: dict[str, Any], models: list[str] | None = None) -> Config:
+    """Command-line flags over a loaded configuration: `{"section.key": value}` (None: not given), and `--model ID=PATH`
+    specs, which replace the configured models. Validated, as a file is."""
+    for path, value in flags.items():
+        if value is not None:
+            section, key = path.split(".")
+            setattr(getattr(cfg, section), key, value)
+    if models:
+        cfg.models = models_from_specs(models)
+    return cfg.validate()
+
+
 def models_from_specs(specs: list[str]) -> list[ModelConfig]:
     """`--model ID=PATH` flags: the models to serve, the first the default."""
     models = []

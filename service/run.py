@@ -42,16 +42,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def build_config(args: argparse.Namespace) -> config_mod.Config:
-    cfg = config_mod.load(args.config)
-    if args.port is not None:
-        cfg.envoy.listen_port = args.port
-    if args.hostname:
-        cfg.envoy.listen_host = args.hostname
-    if args.log_format:
-        cfg.server.log_format = args.log_format
-    if args.model:
-        cfg.models = config_mod.models_from_specs(args.model)
-    return cfg.validate()
+    flags = {"envoy.listen_port": args.port, "envoy.listen_host": args.hostname or None, "server.log_format": args.log_format or None}
+    return config_mod.apply_flags(config_mod.load(args.config), flags, args.model)
 
 
 def main(argv: list[str] | None = None) -> int:

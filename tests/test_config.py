@@ -113,3 +113,17 @@ def test_make_names_the_pythons_it_needs(version):
         assert "is not Python 3.11, 3.12 or 3.13" in r.stderr and f"Python {version}" in r.stderr, r.stderr
     else:
         assert r.returncode == 0, r.stderr
+
+
+def test_service_run_takes_its_flags_over_the_configuration(tmp_path):
+    """`make run` and the image's entrypoint: flags win over the file and the environment, --model replaces the models."""
+    f = tmp_path / "c.yaml"
+    f.write_text("envoy:\n  listen_port: 9999\n")
+    r = subprocess.run([sys.executable, "-m", "service.run", "--config", str(f), "--print-config", "--port", "8181",
+                        "--hostname", "0.0.0.0", "--model", f"mine={tmp_path}"],
+                       capture_output=True, text=True, timeout=60, env={**__import__("os").environ, "EMBED__ENVOY__LISTEN_PORT": "7777"})
+    assert r.returncode == 0, r.stderr
+    assert "listen_port: 8181" in r.stdout and "listen_host: 0.0.0.0" in r.stdout
+    assert "id: mine" in r.stdout and DEFAULT_MODEL_ID not in r.stdout
+    bad = subprocess.run([sys.executable, "-m", "service.run", "--print-config", "--model", "no-path"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "expected ID=PATH" in bad.stderr
