@@ -152,6 +152,14 @@ class Netns:
 
     def __enter__(self) -> Netns:
         subprocess.run(["ip", "netns", "delete", self.name], capture_output=True)
+        try:
+            self._make()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _make(self) -> None:
         for cmd in (["ip", "netns", "add", self.name],
                     ["ip", "-n", self.name, "link", "set", "lo", "up"],
                     # A veth pair with both ends inside (the dummy link type may be missing from the kernel).
@@ -160,7 +168,6 @@ class Netns:
                     ["ip", "-n", self.name, "link", "set", "emb0", "up"],
                     ["ip", "-n", self.name, "link", "set", "emb1", "up"]):
             subprocess.run(cmd, check=True, capture_output=True)
-        return self
 
     def __exit__(self, *exc: object) -> None:
         subprocess.run(["ip", "netns", "delete", self.name], capture_output=True)
