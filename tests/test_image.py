@@ -76,6 +76,12 @@ def test_the_image_is_small_unprivileged_and_torch_free(image):
     assert "1.40" in run("envoy", "--version").stdout
     assert run("test", "-s", "/app/gen/descriptor.pb").returncode == 0
     assert "usage: python -m service.run" in run("python", "-m", "service.run", "--help").stdout
+    # The image's defaults (Envoy on every interface, a drain within docker stop's 10 s) are a file that a --config
+    # replaces, as the pod's does: nothing of the image's beats the pod's configuration.
+    own = run("python", "-m", "service", "--print-config").stdout
+    assert "listen_host: 0.0.0.0" in own and "grace_seconds: 7.0" in own, own
+    pods = run("python", "-m", "service", "--config", "/dev/null", "--print-config").stdout
+    assert "listen_host: 127.0.0.1" in pods and "grace_seconds: 10.0" in pods, pods
 
 
 def test_every_api_answers_through_the_containers_port(served, reference):
