@@ -16,6 +16,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram,
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .streams import server_streams
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 REQUESTS = Counter("embedding_requests_total", "Requests answered, by dialect, model and gRPC status code", ["dialect", "model", "code"])
@@ -69,6 +71,8 @@ STATE_METRICS = [
     ("embedding_cache_misses_total", "counter", "", "Inputs the cache did not hold"),
     ("embedding_cache_hit_ratio", "gauge", "", "Cache hits over lookups"),
     ("embedding_cache_bytes", "gauge", "", "Memory held by the embedding cache"),
+    ("embedding_streams_open", "gauge", "", "Streams being served"),
+    ("embedding_stream_bytes", "gauge", "", "Bytes the streams hold: requests read and not answered, answers not yet sent"),
 ]
 _HELP = {name.removesuffix("_total"): doc for name, _, _, doc in STATE_METRICS}
 
@@ -95,6 +99,9 @@ class StateCollector(Collector):
         yield CounterMetricFamily("embedding_cache_misses", _HELP["embedding_cache_misses"], value=self.cache.misses)
         yield GaugeMetricFamily("embedding_cache_hit_ratio", _HELP["embedding_cache_hit_ratio"], value=self.cache.hit_rate)
         yield GaugeMetricFamily("embedding_cache_bytes", _HELP["embedding_cache_bytes"], value=self.cache.bytes)
+        streams = server_streams()
+        yield GaugeMetricFamily("embedding_streams_open", _HELP["embedding_streams_open"], value=streams.open)
+        yield GaugeMetricFamily("embedding_stream_bytes", _HELP["embedding_stream_bytes"], value=streams.budget.held)
 
 
 class MetricsServer:
