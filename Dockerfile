@@ -67,8 +67,10 @@ LABEL org.opencontainers.image.title="embedding-service" \
 # EMBED__ variables, which would beat every configuration file, the pod's included), which a `--config` of yours
 # replaces: Envoy listens on the container's interfaces (the server stays on its loopback, behind Envoy's bounds),
 # and a drain ends within `docker stop`'s 10 s (requests in flight get 7 s; Envoy's last answers up to 2 s more).
+# HF_HOME: the Hugging Face cache that models named by id (--model-id) are served from; mount one there.
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
-    EMBED_CACHE_DIR=/var/cache/embedding-service HOME=/nonexistent EMBED_CONFIG=/etc/embedding-service/image.yaml
+    EMBED_CACHE_DIR=/var/cache/embedding-service HOME=/nonexistent EMBED_CONFIG=/etc/embedding-service/image.yaml \
+    HF_HOME=/var/cache/huggingface
 COPY --from=venv /opt/venv /opt/venv
 COPY --from=build /app/service /app/service
 COPY --from=build /app/gen /app/gen

@@ -18,7 +18,9 @@ TEI_STAMP := $(TEI_VENV)/.installed
 PEERS_FASTEMBED_VENV := .venv-peers-fastembed
 PEERS_INFINITY_VENV := .venv-peers-infinity
 PEERS_STAMPS := $(PEERS_FASTEMBED_VENV)/.installed $(PEERS_INFINITY_VENV)/.installed
-export HF_HUB_OFFLINE := 1
+# Nothing reaches the Hugging Face hub unless asked: `make run HF_HUB_OFFLINE=0 MODEL_ID=...` downloads a model.
+HF_HUB_OFFLINE ?= 1
+export HF_HUB_OFFLINE
 export TOKENIZERS_PARALLELISM := false
 
 # The image: `make image` builds it with podman or docker, whichever is here.
@@ -29,8 +31,8 @@ CONTAINER_TOOL ?= $(shell command -v podman || command -v docker)
 
 .PHONY: run test test-image image gen venv bench load docs deploy clean
 
-run: $(GEN_STAMP)  ## start server + Envoy on the default model (Ctrl-C stops both)
-	$(PY) -m service.run --replicas $(or $(REPLICAS),1) $(ARGS)
+run: $(GEN_STAMP)  ## start server + Envoy (MODEL_ID=hub-id-or-folder, ARGS="--help" for every flag; Ctrl-C stops both)
+	$(PY) -m service.run --replicas $(or $(REPLICAS),1) $(foreach m,$(MODEL_ID),--model-id $(m)) $(ARGS)
 
 test: $(GEN_STAMP) $(HRFLOW_STAMP) $(TEI_STAMP)  ## every test but the image's, against a real Envoy, a real server and the real model
 	$(PY) -m pytest -m 'not image' $(PYTEST_ARGS)

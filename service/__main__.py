@@ -21,8 +21,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=os.environ.get("EMBED_CONFIG"), help="YAML configuration file (or $EMBED_CONFIG)")
     p.add_argument("--host", help="address to listen on (server.host)")
     p.add_argument("--grpc-port", type=int, help="gRPC port (server.grpc_port); 0 picks a free one")
-    p.add_argument("--model", action="append", default=[], metavar="ID=PATH",
-                   help="serve the sentence-transformers folder PATH as ID (repeatable; replaces the configured models)")
+    from .run import add_model_flags
+
+    add_model_flags(p)
     p.add_argument("--log-level", help="debug | info | warning (server.log_level)")
     p.add_argument("--log-format", help="json | text (server.log_format)")
     p.add_argument("--print-config", action="store_true", help="print the effective configuration and exit")
@@ -30,9 +31,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def build_config(args: argparse.Namespace) -> config_mod.Config:
+    from .run import model_flags
+
     flags = {"server.host": args.host or None, "server.grpc_port": args.grpc_port, "server.log_level": args.log_level or None,
-             "server.log_format": args.log_format or None}
-    return config_mod.apply_flags(config_mod.load(args.config), flags, args.model)
+             "server.log_format": args.log_format or None, **model_flags(args)}
+    return config_mod.apply_flags(config_mod.load(args.config), flags, args.model, args.model_id, args.revision, args.served_model_name)
 
 
 def bound_runtime_caches(cfg: config_mod.Config) -> None:
@@ -62,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(cfg.to_dict(mask_secrets=True), sort_keys=False), end="")
         return 0
+    from .run import fetch_models
+
+    if not fetch_models(cfg):
+        return 2
     return run_server(cfg)
 
 

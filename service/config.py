@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +40,13 @@ class ModelConfig:
 
     # The name clients use (and /v1/models lists).
     id: str = DEFAULT_MODEL_ID
-    # A sentence-transformers folder. Empty means the bundled default model.
+    # A sentence-transformers folder. Empty (and no `repo`): the bundled all-MiniLM-L6-v2.
     path: str = ""
+    # A Hugging Face model repository (e.g. BAAI/bge-small-en-v1.5), served from the Hugging Face cache: downloaded at
+    # start when missing (unless HF_HUB_OFFLINE), every file checked against its hash. Instead of `path`.
+    repo: str = ""
+    # The branch, tag or commit of `repo` to serve; empty: main. A commit pins it.
+    revision: str = ""
     # Other names clients may use for this model (e.g. `text-embedding-3-small` for drop-in OpenAI clients).
     aliases: list[str] = field(default_factory=list)
     # The model used when a request names none.
@@ -61,6 +67,11 @@ class ModelConfig:
     upstream_model: str = ""
 
     def resolved_path(self) -> str:
+        """The folder to load: `path`, the cached snapshot of `repo` (never downloaded here), or the bundled model."""
+        if self.repo:
+            from .engine.hub import snapshot
+
+            return str(snapshot(self.repo, self.revision, check=False).path)
         return self.path or default_model_path()
 
 
@@ -319,6 +330,17 @@ class Config:
                 raise ConfigError(f"{where}.max_seq_length: must be >= 0")
             if m.path and not Path(m.path).is_dir():
                 raise ConfigError(f"{where}.path: {m.path!r} is not a folder")
+            if m.repo:
+                from .engine.hub import valid_repo_id
+
+                if m.path or m.provider:
+                    raise ConfigError(f"{where}.repo: a model is a repo, a path or a provider's, not several")
+                if not valid_repo_id(m.repo):
+                    raise ConfigError(f"{where}.repo: {m.repo!r} is not a Hugging Face repository id (owner/name)")
+            if m.revision and not m.repo:
+                raise ConfigError(f"{where}.revision: only a model with a `repo` has revisions")
+            if m.revision and not re.fullmatch(r"[A-Za-z0-9._/-]{1,128}", m.revision) or ".." in m.revision:
+                raise ConfigError(f"{where}.revision: {m.revision!r} is not a branch, tag or commit")
             if m.provider and m.provider not in {p.name for p in self.providers}:
                 raise ConfigError(f"{where}.provider: {m.provider!r} is not a configured provider ({', '.join(p.name for p in self.providers) or 'none'})")
         seen = set()
@@ -401,16 +423,43 @@ def _secret(path: str) -> bool:
     return path.rsplit(".", 1)[-1].endswith(("key", "secret", "token", "password"))
 
 
-def apply_flags(cfg: Config, flags: dict[str, Any], models: list[str] | None = None) -> Config:
-    """Command-line flags over a loaded configuration: `{"section.key": value}` (None: not given), and `--model ID=PATH`
-    specs, which replace the configured models. Validated, as a file is."""
+def apply_flags(cfg: Config, flags: dict[str, Any], models: list[str] | None = None, model_ids: list[str] | None = None,
+                revision: str | None = None, served_model_name: str | None = None) -> Config:
+    """Command-line flags over a loaded configuration: `{"section.key": value}` (None: not given); `--model ID=PATH`
+    specs or TEI's `--model-id ID` (a hub id or a folder, `ID@REVISION` allowed), which replace the configured models;
+    TEI's `--revision` (of the first) and `--served-model-name` (the first model's name; its id stays an alias).
+    Validated, as a file is."""
     for path, value in flags.items():
         if value is not None:
             section, key = path.split(".")
             setattr(getattr(cfg, section), key, value)
-    if models:
-        cfg.models = models_from_specs(models)
+    if models or model_ids:
+        cfg.models = models_from_specs(models or []) + [model_from_id(m) for m in model_ids or []]
+        for i, m in enumerate(cfg.models):
+            m.default = i == 0
+    if revision:
+        first = cfg.models[0]
+        if not first.repo:
+            first.repo = first.id if not first.path else ""
+            first.path = "" if first.repo else first.path
+        first.revision = revision
+    if served_model_name:
+        first = cfg.models[0]
+        first.aliases = [a for a in [first.id, *first.aliases] if a != served_model_name]
+        first.id = served_model_name
     return cfg.validate()
+
+
+def model_from_id(spec: str) -> ModelConfig:
+    """A model named as TEI's `--model-id` names one: a folder on disk, or a Hugging Face repository id with an optional
+    `@REVISION`. The default model's id without a revision is the copy bundled with the service (no download)."""
+    spec = spec.strip()
+    if spec and Path(spec).is_dir():
+        return ModelConfig(id=spec, path=spec)
+    repo, _, revision = spec.partition("@")
+    if repo == DEFAULT_MODEL_ID and not revision:
+        return ModelConfig(id=repo)
+    return ModelConfig(id=repo, repo=repo, revision=revision)
 
 
 def models_from_specs(specs: list[str]) -> list[ModelConfig]:
@@ -419,7 +468,7 @@ def models_from_specs(specs: list[str]) -> list[ModelConfig]:
     for i, spec in enumerate(specs):
         model_id, sep, path = spec.partition("=")
         if not sep or not model_id or not path:
-            raise ConfigError(f"--model {spec!r}: expected ID=PATH (a sentence-transformers folder)")
+            raise ConfigError(f"--model {spec!r}: expected ID=PATH (a sentence-transformers folder); a Hugging Face id is --model-id ID")
         models.append(ModelConfig(id=model_id, path=path, default=i == 0))
     return models
 
@@ -449,14 +498,18 @@ def _coerce(f: dataclasses.Field, value: Any, path: str) -> Any:
         return _build(type(default), value, path)
     if f.name in ("models", "providers"):
         cls = ModelConfig if f.name == "models" else ProviderConfig
-        if isinstance(value, str):  # from the environment: YAML or JSON text
+        if isinstance(value, str):  # from the environment: YAML or JSON text, or model ids separated by commas
             try:
                 value = yaml.safe_load(value)
             except yaml.YAMLError as e:
                 raise ConfigError(f"{path}: not valid YAML{yaml_position(e)}") from None
+            if f.name == "models" and isinstance(value, str):
+                value = [v for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise ConfigError(f"{path}: expected a list of {f.name}")
-        return [_build(cls, v, f"{path}[{i}]") for i, v in enumerate(value)]
+        # A model may be written as its id alone (`- BAAI/bge-small-en-v1.5`, `@REVISION` allowed): as --model-id.
+        return [model_from_id(v) if f.name == "models" and isinstance(v, str) else _build(cls, v, f"{path}[{i}]")
+                for i, v in enumerate(value)]
     return _scalar(default, value, path)
 
 

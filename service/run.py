@@ -20,19 +20,20 @@ from . import config as config_mod  # noqa: E402
 EPILOG = """\
 Every configuration key also reads EMBED__SECTION__KEY (e.g. EMBED__LIMITS__MAX_BATCH_TOKENS=4096); flags win.
 API keys: EMBED_API_KEYS="key" or "key:secret", comma-separated, 16 or more characters each (or auth.keys_file).
-Without keys the service is open, so it listens on loopback only (inside a container: unreachable from outside)."""
+Without keys the service is open, so it listens on loopback only (inside a container: unreachable from outside).
+Models by Hugging Face id come from the Hugging Face cache ($HF_HOME/hub). With HF_HUB_OFFLINE=1 (the default) a model
+not there stops the start: fetch it first (python -m service.models download ID), or start with HF_HUB_OFFLINE=0."""
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m service.run", description=__doc__.split("\n\n")[0],
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=os.environ.get("EMBED_CONFIG"), help="YAML configuration file (or $EMBED_CONFIG)")
-    p.add_argument("--port", type=int, help="port of Envoy's listener, REST and gRPC (envoy.listen_port; default 8080)")
-    p.add_argument("--hostname", help="address Envoy listens on (envoy.listen_host; 0.0.0.0 in the image)")
-    p.add_argument("--api-key", help="require this key (as $EMBED_API_KEYS; prefer the variable: a flag shows in `ps`)")
-    p.add_argument("--model", action="append", default=[], metavar="ID=PATH",
-                   help="serve the sentence-transformers folder PATH as ID (repeatable, the first the default; replaces "
-                        "the configured models)")
+    add_model_flags(p)
+    p.add_argument("--port", type=int, help="port of Envoy's listener, REST and gRPC (envoy.listen_port, EMBED__ENVOY__LISTEN_PORT; "
+                                            "default 8080)")
+    p.add_argument("--hostname", help="address Envoy listens on (envoy.listen_host, EMBED__ENVOY__LISTEN_HOST; 0.0.0.0 in the image)")
+    p.add_argument("--api-key", help="require this key (EMBED_API_KEYS; prefer the variable: a flag shows in `ps`)")
     p.add_argument("--replicas", type=int, default=int(os.environ.get("REPLICAS", "1")), help="server processes behind Envoy")
     p.add_argument("--server-only", action="store_true",
                    help="run the gRPC server alone, without Envoy (a pod's layout, where Envoy is its own container)")
@@ -41,9 +42,42 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """The flags Text Embeddings Inference's users know, for what this service has (shared with `python -m service`)."""
+    p.add_argument("--model-id", action="append", default=[], metavar="ID",
+                   help="a Hugging Face model id (e.g. BAAI/bge-small-en-v1.5, ID@REVISION allowed) or a sentence-transformers "
+                        "folder; repeatable, the first the default; replaces the configured models (EMBED__MODELS=ID,ID)")
+    p.add_argument("--revision", help="the branch, tag or commit of the first --model-id (models[0].revision)")
+    p.add_argument("--served-model-name", help="the name the first model is served as; its id stays an alias (models[0].id)")
+    p.add_argument("--model", action="append", default=[], metavar="ID=PATH",
+                   help="serve the sentence-transformers folder PATH as ID (repeatable; replaces the configured models)")
+    p.add_argument("--max-batch-tokens", type=int, help="tokens in one forward pass (limits.max_batch_tokens, "
+                                                        "EMBED__LIMITS__MAX_BATCH_TOKENS; default 2048)")
+    p.add_argument("--max-client-batch-size", type=int, help="inputs in one request (limits.max_client_batch_size, "
+                                                             "EMBED__LIMITS__MAX_CLIENT_BATCH_SIZE; default 2048)")
+    p.add_argument("--auto-truncate", action="store_const", const=True, help="truncate over-long inputs where an API would "
+                                                                            "refuse them (limits.auto_truncate, EMBED__LIMITS__AUTO_TRUNCATE)")
+
+
+def model_flags(args: argparse.Namespace) -> dict:
+    return {"limits.max_batch_tokens": args.max_batch_tokens, "limits.max_client_batch_size": args.max_client_batch_size,
+            "limits.auto_truncate": args.auto_truncate}
+
+
 def build_config(args: argparse.Namespace) -> config_mod.Config:
-    flags = {"envoy.listen_port": args.port, "envoy.listen_host": args.hostname or None, "server.log_format": args.log_format or None}
-    return config_mod.apply_flags(config_mod.load(args.config), flags, args.model)
+    flags = {"envoy.listen_port": args.port, "envoy.listen_host": args.hostname or None, "server.log_format": args.log_format or None,
+             **model_flags(args)}
+    return config_mod.apply_flags(config_mod.load(args.config), flags, args.model, args.model_id, args.revision, args.served_model_name)
+
+
+def fetch_models(cfg: config_mod.Config) -> bool:
+    """Models named by Hugging Face id are in the cache (downloaded, with progress, when allowed): else one line each."""
+    from .models import ensure_models
+
+    problems = ensure_models(cfg)
+    for line in problems:
+        print(f"model error: {line}", file=sys.stderr, flush=True)
+    return not problems
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(cfg.to_dict(mask_secrets=True), sort_keys=False), end="")
         return 0
+    if not fetch_models(cfg):
+        return 2
     if args.server_only:
         from .__main__ import run_server
 

@@ -114,8 +114,15 @@ def to_body(vectors: np.ndarray, model: str, tokens: int, fmt: str) -> httpbody_
     return json_body({"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
 
-def model_object(name: str, created: int) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": created, "owned_by": OWNER}
+def model_object(name: str, created: int, embedder: Embedder | None = None) -> dict[str, Any]:
+    """OpenAI's model object; a model served from the Hugging Face hub also says which repository and commit (fields
+    OpenAI's clients ignore)."""
+    out = {"id": name, "object": "model", "created": created, "owned_by": OWNER}
+    if embedder is not None:
+        state, model = embedder.registry.peek(name)
+        if state == "loaded" and getattr(model, "commit", ""):
+            out.update(repo=model.config.repo, revision=model.commit)
+    return out
 
 
 class OpenAIServicer:
@@ -143,7 +150,7 @@ class OpenAIServicer:
     async def ListModels(self, raw: bytes, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:  # noqa: N802
         async def work() -> httpbody_pb2.HttpBody:
             names = self.embedder.registry.names()
-            return json_body({"object": "list", "data": [model_object(n, self.created) for n in names]})
+            return json_body({"object": "list", "data": [model_object(n, self.created, self.embedder) for n in names]})
 
         return await rpc.handle(context, DIALECT, work)
 
@@ -152,7 +159,7 @@ class OpenAIServicer:
             request = await rpc.parse(raw, pb.RetrieveModelRequest, as_message, rpc.Call())
             if request.model not in self.embedder.registry.names():
                 raise errors.model_not_found(request.model, self.embedder.registry.names())
-            return json_body(model_object(request.model, self.created))
+            return json_body(model_object(request.model, self.created, self.embedder))
 
         return await rpc.handle(context, DIALECT, work)
 

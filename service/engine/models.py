@@ -44,6 +44,11 @@ class ServedModel:
     default_prompt_name: str | None
     include_prompt: bool
     load_seconds: float
+    # The folder it was loaded from, and for a model named by Hugging Face id the commit that was served.
+    path: str = ""
+    commit: str = ""
+    # How `precision: auto` chose: {"tried", "min_cosine" (to fp32, on PROBE_TEXTS), "chosen"}; None when configured.
+    fidelity: dict | None = None
 
     @property
     def id(self) -> str:
@@ -60,16 +65,25 @@ def load_model(
 ) -> ServedModel:
     """Loads one model folder (blocking; call it off the event loop)."""
     started = time.perf_counter()
-    path = config.resolved_path()
+    commit = ""
+    if config.repo:  # from the Hugging Face cache, every file checked against its hash; never downloaded here
+        from .hub import snapshot
+
+        snap = snapshot(config.repo, config.revision)
+        path, commit = str(snap.path), snap.commit
+    else:
+        path = config.resolved_path()
     runtime_name, precision = resolve_mode(config)
-    log.info("loading model", extra={"model": config.id, "path": path, "mode": f"{runtime_name}/{precision}"})
+    log.info("loading model", extra={"model": config.id, "path": path, "mode": f"{runtime_name}/{precision}",
+                                     **({"repo": config.repo, "revision": config.revision or "main", "commit": commit} if commit else {})})
     try:
         folder = read_folder(path)
     except (OSError, FolderError) as e:
         raise ValueError(f"{config.id}: {e}") from None
     max_seq = config.max_seq_length or folder.max_seq_length
     tokenizer = TextTokenizer(folder.tokenizer, max_seq, folder.vocab_size, lowercase=folder.lowercase)
-    runtime = make_runtime(runtime_name, precision, folder, threads.configure(inference_threads))
+    n_threads = threads.configure(inference_threads)
+    runtime = make_runtime(runtime_name, precision, folder, n_threads)
     modes, dense, include_prompt = folder.pooling_modes, folder.dense, folder.include_prompt
 
     def head(token_embeddings: np.ndarray, mask: np.ndarray, prompt_lengths: np.ndarray) -> np.ndarray:
@@ -77,6 +91,18 @@ def load_model(
         for layer in dense:
             pooled = layer(pooled).astype(np.float32, copy=False)
         return pooled
+
+    fidelity = None
+    if config.precision == "auto" and runtime.precision != "fp32":
+        # `auto` promises cosine >= FIDELITY_BAR to fp32: kept per model, on the probe texts, or fp32 it is.
+        fidelity = {"tried": precision, "min_cosine": round(precision_fidelity(runtime, runtime_name, folder, tokenizer, head, n_threads), 6)}
+        fidelity["chosen"] = precision if fidelity["min_cosine"] >= FIDELITY_BAR else "fp32"
+        if fidelity["chosen"] == "fp32":
+            log.warning("bf16 misses the fidelity bar for this model: serving fp32",
+                        extra={"model": config.id, "min_cosine": fidelity["min_cosine"], "bar": FIDELITY_BAR})
+            runtime = make_runtime(runtime_name, "fp32", folder, n_threads)
+    elif config.precision == "auto":
+        fidelity = {"tried": "fp32", "min_cosine": 1.0, "chosen": "fp32", "why": "no bf16 units on this CPU" if not cpu_has_bf16() else runtime_name}
 
     batcher = Batcher(
         config.id,
@@ -102,6 +128,9 @@ def load_model(
         default_prompt_name=folder.default_prompt_name,
         include_prompt=include_prompt,
         load_seconds=0.0,
+        path=path,
+        commit=commit,
+        fidelity=fidelity,
     )
     # One forward pass so the first caller does not pay for lazy initialisation.
     ids = np.array([tokenizer.encode(["warm up"], truncate=True)[0].ids])
@@ -110,9 +139,46 @@ def load_model(
     log.info(
         "model ready",
         extra={"model": config.id, "runtime": runtime.describe(), "streams": runtime.streams, "dimension": served.dimension,
-               "max_seq_length": max_seq, "seconds": round(served.load_seconds, 2)},
+               "max_seq_length": max_seq, "seconds": round(served.load_seconds, 2), **({"commit": commit} if commit else {}),
+               **({"precision_check": fidelity} if fidelity else {})},
     )
     return served
+
+
+# What `precision: auto` promises: cosine to fp32 at least this, on every probe text, for the model being served.
+FIDELITY_BAR = 0.9999
+# Texts each model's bf16 is checked on at load: short queries and long passages, prose, code, numbers, other scripts.
+PROBE_TEXTS = [
+    "hi",
+    "What is the capital of France?",
+    "how do I reset my password",
+    "The quick brown fox jumps over the lazy dog.",
+    "A man is playing a guitar on a stage in front of a small crowd.",
+    "def embed(texts: list[str]) -> np.ndarray: return model.encode(texts, normalize_embeddings=True)",
+    "Invoice #4471, due 2026-03-01: 3 x 19.99 EUR, VAT 21 %, total 72.57 EUR.",
+    "Le chat dort sur le canapé pendant que la pluie tombe doucement sur la ville.",
+    "東京は日本の首都であり、世界で最も人口の多い都市圏の一つです。",
+    "Photosynthesis converts light energy into chemical energy: in the chloroplasts, water is split, oxygen is released, "
+    "and the energy captured is stored in ATP and NADPH, which the Calvin cycle then spends to fix carbon dioxide into "
+    "sugars. The rate depends on light intensity, temperature and the concentration of carbon dioxide, and plants "
+    "adapted to hot, dry climates use C4 or CAM pathways to limit the water they lose while their stomata are open.",
+    " ".join(["Embeddings map text to vectors so that similar meanings lie close together."] * 12),
+]
+
+
+def precision_fidelity(runtime: Runtime, runtime_name: str, folder: ModelFolder, tokenizer: TextTokenizer,
+                       head: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray], threads: int) -> float:
+    """The lowest cosine, over PROBE_TEXTS, between `runtime`'s pooled vectors and fp32's (ONNX Runtime's fp32 for
+    OpenVINO: the same exported graph, one session, dropped after)."""
+    reference = make_runtime("onnx" if runtime_name == "openvino" else runtime_name, "fp32", folder, threads)
+    lowest = 1.0
+    for text in PROBE_TEXTS:
+        ids = np.array([tokenizer.encode([text], truncate=True)[0].ids], dtype=np.int64)
+        mask, types, none = np.ones_like(ids), np.zeros_like(ids), np.zeros(1, dtype=np.int64)
+        a = head(runtime.forward(ids, mask, types), mask, none)[0]
+        b = head(reference.forward(ids, mask, types), mask, none)[0]
+        lowest = min(lowest, float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))
+    return lowest
 
 
 def cpu_has_bf16() -> bool:

@@ -91,7 +91,7 @@ def info_fields(model: ServedModel | RemoteModel, pooling: tuple[str, ...], embe
         dtype, max_input = "float32", 0
     return {
         "model_id": model.id,
-        "model_sha": None,
+        "model_sha": (model.commit or None) if isinstance(model, ServedModel) else None,
         "model_dtype": dtype,
         "model_type": {"embedding": {"pooling": "+".join(POOLING_NAMES.get(p, p) for p in pooling) or "mean"}},
         "max_concurrent_requests": limits.max_concurrent_requests,
@@ -104,6 +104,8 @@ def info_fields(model: ServedModel | RemoteModel, pooling: tuple[str, ...], embe
         "version": VERSION,
         "sha": None,
         "docker_label": None,
+        # Not TEI's: how `precision: auto` chose this model's precision (tried, lowest cosine to fp32, chosen).
+        **({"precision_check": model.fidelity} if isinstance(model, ServedModel) and model.fidelity else {}),
     }
 
 
@@ -136,7 +138,7 @@ class Base:
             return ()
         if model.id not in self._pooling:
             loop = asyncio.get_running_loop()
-            folder = await loop.run_in_executor(self.embedder.executor, read_folder, model.config.resolved_path())
+            folder = await loop.run_in_executor(self.embedder.executor, read_folder, model.path or model.config.resolved_path())
             self._pooling[model.id] = folder.pooling_modes
         return self._pooling[model.id]
 
