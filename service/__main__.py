@@ -65,9 +65,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(cfg.to_dict(mask_secrets=True), sort_keys=False), end="")
         return 0
+    from .launch import MODELS_FETCHED
     from .run import fetch_models
 
-    if not fetch_models(cfg):
+    if os.environ.get(MODELS_FETCHED) != "1" and not fetch_models(cfg):
         return 2
     return run_server(cfg)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -339,8 +338,11 @@ class Config:
                     raise ConfigError(f"{where}.repo: {m.repo!r} is not a Hugging Face repository id (owner/name)")
             if m.revision and not m.repo:
                 raise ConfigError(f"{where}.revision: only a model with a `repo` has revisions")
-            if m.revision and not re.fullmatch(r"[A-Za-z0-9._/-]{1,128}", m.revision) or ".." in m.revision:
-                raise ConfigError(f"{where}.revision: {m.revision!r} is not a branch, tag or commit")
+            if m.revision:
+                from .engine.hub import valid_revision
+
+                if not valid_revision(m.revision):
+                    raise ConfigError(f"{where}.revision: {m.revision!r} is not a branch, tag or commit")
             if m.provider and m.provider not in {p.name for p in self.providers}:
                 raise ConfigError(f"{where}.provider: {m.provider!r} is not a configured provider ({', '.join(p.name for p in self.providers) or 'none'})")
         seen = set()
@@ -434,14 +436,22 @@ def apply_flags(cfg: Config, flags: dict[str, Any], models: list[str] | None = N
             section, key = path.split(".")
             setattr(getattr(cfg, section), key, value)
     if models or model_ids:
-        cfg.models = models_from_specs(models or []) + [model_from_id(m) for m in model_ids or []]
+        by_id = [model_from_id(m) for m in model_ids or []]
+        if revision and by_id:
+            by_id[0].repo = by_id[0].repo or (by_id[0].id if not by_id[0].path else "")
+            if not by_id[0].repo:
+                raise ConfigError(f"--revision: the first --model-id {by_id[0].id!r} is a folder, which has no revisions")
+            by_id[0].revision = revision
+            revision = None
+        cfg.models = models_from_specs(models or []) + by_id
         for i, m in enumerate(cfg.models):
             m.default = i == 0
-    if revision:
+    if revision:  # of the configured first model, which must come from the hub (or be the default model's id)
         first = cfg.models[0]
+        if not first.repo and not first.path and not first.provider and first.id == DEFAULT_MODEL_ID:
+            first.repo = DEFAULT_MODEL_ID
         if not first.repo:
-            first.repo = first.id if not first.path else ""
-            first.path = "" if first.repo else first.path
+            raise ConfigError(f"--revision: the model {first.id!r} is not named by a Hugging Face id (use --model-id ID --revision REV)")
         first.revision = revision
     if served_model_name:
         first = cfg.models[0]
@@ -454,8 +464,9 @@ def model_from_id(spec: str) -> ModelConfig:
     """A model named as TEI's `--model-id` names one: a folder on disk, or a Hugging Face repository id with an optional
     `@REVISION`. The default model's id without a revision is the copy bundled with the service (no download)."""
     spec = spec.strip()
-    if spec and Path(spec).is_dir():
-        return ModelConfig(id=spec, path=spec)
+    if spec and Path(spec).is_dir():  # named by the folder's own name; its path made absolute (servers run elsewhere)
+        folder = Path(spec).resolve()
+        return ModelConfig(id=folder.name, path=str(folder))
     repo, _, revision = spec.partition("@")
     if repo == DEFAULT_MODEL_ID and not revision:
         return ModelConfig(id=repo)
@@ -469,7 +480,7 @@ def models_from_specs(specs: list[str]) -> list[ModelConfig]:
         model_id, sep, path = spec.partition("=")
         if not sep or not model_id or not path:
             raise ConfigError(f"--model {spec!r}: expected ID=PATH (a sentence-transformers folder); a Hugging Face id is --model-id ID")
-        models.append(ModelConfig(id=model_id, path=path, default=i == 0))
+        models.append(ModelConfig(id=model_id, path=str(Path(path).resolve()) if Path(path).is_dir() else path, default=i == 0))
     return models
 
 
@@ -506,7 +517,7 @@ def _coerce(f: dataclasses.Field, value: Any, path: str) -> Any:
             if f.name == "models" and isinstance(value, str):
                 value = [v for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected a list of {f.name}")
+            raise ConfigError(f"{path}: expected a list of {f.name}" + (" (or model ids: ID,ID)" if f.name == "models" else ""))
         # A model may be written as its id alone (`- BAAI/bge-small-en-v1.5`, `@REVISION` allowed): as --model-id.
         return [model_from_id(v) if f.name == "models" and isinstance(v, str) else _build(cls, v, f"{path}[{i}]")
                 for i, v in enumerate(value)]

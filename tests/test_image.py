@@ -75,7 +75,14 @@ def test_the_image_is_small_unprivileged_and_torch_free(image):
     # Envoy is on the PATH (the pod's sidecar runs it from this image) and its descriptor set is inside.
     assert "1.40" in run("envoy", "--version").stdout
     assert run("test", "-s", "/app/gen/descriptor.pb").returncode == 0
-    assert "usage: python -m service.run" in run("python", "-m", "service.run", "--help").stdout
+    assert "--model-id ID" in run("python", "-m", "service.run", "--help").stdout
+    # A model by id: the image is offline by default, so one not in its Hugging Face cache stops the start in one line
+    # that says how to fetch it; the cache folder is the service user's, for a volume or a download.
+    missing = run("python", "-m", "service.run", "--model-id", "acme/not-here")
+    ours = [line for line in missing.stderr.splitlines() if line and not line.startswith("time=")]  # podman's own lines
+    assert missing.returncode == 2 and len(ours) == 1, missing.stderr
+    assert "python -m service.models download acme/not-here" in missing.stderr
+    assert run("test", "-w", "/var/cache/huggingface").returncode == 0
     # The image's defaults (Envoy on every interface, a drain within docker stop's 10 s) are a file that a --config
     # replaces, as the pod's does: nothing of the image's beats the pod's configuration.
     own = run("python", "-m", "service", "--print-config").stdout

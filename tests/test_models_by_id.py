@@ -125,7 +125,7 @@ def test_a_corrupt_file_is_refused_offline_and_fetched_again_online(hub, hf_home
     data[len(data) // 2] ^= 0x01  # one bit, in the middle of the weights
     blob.write_bytes(bytes(data))
     p = run(["-m", "service", "--grpc-port", "0", "--model-id", f"{REPO}@v1.0"], hub_env(hub, home, offline="1"), timeout=60)
-    assert p.returncode == 2 and "do not match their hash (model.safetensors)" in p.stderr, p.stderr
+    assert p.returncode == 2 and "fail their hash check (model.safetensors)" in p.stderr, p.stderr
     fetched = hub.downloads("model.safetensors")
     p = run(["-m", "service.models", "download", f"{REPO}@v1.0"], hub_env(hub, home))
     assert p.returncode == 0, p.stderr
@@ -141,6 +141,47 @@ def test_a_download_that_does_not_match_its_hash_is_not_served(hub, tmp_path):
     assert p.returncode == 2, p.stderr
 
 
+def cache_check(hub: HubStub, home: Path) -> subprocess.CompletedProcess:
+    """What a server's load does: the snapshot at v1.0 from the cache alone, every file checked."""
+    code = f"from service.engine.hub import snapshot, HubError\ntry:\n    print(snapshot({REPO!r}, 'v1.0').commit)\nexcept HubError as e:\n    print(e)"
+    return run(["-c", code], hub_env(hub, home, offline="1"), timeout=120)
+
+
+def test_a_cache_copied_without_its_links_is_checked_against_the_hubs_listing(hub, hf_home, tmp_path):
+    """`cp -L`, rsync or kubectl cp turn the snapshot's links into plain files, whose names say nothing of their hash:
+    they are checked against the listing the hub gave (trees/<commit>.json), and a changed byte is still found."""
+    home = tmp_path / "hf"
+    shutil.copytree(hf_home, home, symlinks=False)
+    assert not (snapshot_dir(home) / "model.safetensors").is_symlink()
+    assert cache_check(hub, home).stdout.strip() == COMMIT
+    f = snapshot_dir(home) / "tokenizer.json"
+    f.write_bytes(f.read_bytes().replace(b'"[UNK]"', b'"[UNX]"', 1))
+    assert "fail their hash check (tokenizer.json)" in cache_check(hub, home).stdout
+    (home / "hub" / f"models--{REPO.replace('/', '--')}" / "trees" / f"{COMMIT}.json").unlink()
+    assert "fail their hash check" in cache_check(hub, home).stdout  # no listing, no links: nothing vouches for them
+
+
+def test_a_partial_snapshot_is_not_served_and_a_download_completes_it(hub, hf_home, tmp_path):
+    home = tmp_path / "hf"
+    shutil.copytree(hf_home, home, symlinks=True)
+    (snapshot_dir(home) / "model.safetensors").unlink()  # what another tool's partial fetch leaves
+    (home / "hub" / f"models--{REPO.replace('/', '--')}" / "trees" / f"{COMMIT}.json").unlink()
+    assert "is not in the Hugging Face cache" in cache_check(hub, home).stdout
+    p = run(["-m", "service.models", "download", f"{REPO}@v1.0"], hub_env(hub, home))
+    assert p.returncode == 0, p.stderr
+    assert cache_check(hub, home).stdout.strip() == COMMIT
+
+
+@pytest.mark.parametrize("revision", ["../../../../etc", "/etc/passwd", "main/../..", "a//b", ".", "x" * 129])
+def test_revisions_that_would_leave_the_cache_are_refused(hub, tmp_path, revision):
+    p = run(["-m", "service.models", "download", REPO, "--revision", revision], hub_env(hub, tmp_path), timeout=60)
+    assert p.returncode == 1 and "is not a branch, tag or commit" in p.stderr, p.stderr
+    from service import config as c
+
+    with pytest.raises(c.ConfigError, match="revision: .* is not a branch, tag or commit"):
+        c.load(env={"EMBED__MODELS": json.dumps([{"id": "m", "repo": REPO, "revision": revision}])})
+
+
 def test_tei_flags_map_to_the_configuration():
     from service import run as run_mod
 
@@ -151,6 +192,12 @@ def test_tei_flags_map_to_the_configuration():
     first, second = cfg.models
     assert (first.id, first.repo, first.revision, first.aliases, first.default) == ("bge", "BAAI/bge-small-en-v1.5", "v1", ["BAAI/bge-small-en-v1.5"], True)
     assert (second.id, second.repo, second.path) == (MINILM, "", "")  # the bundled copy: no download
+    with pytest.raises(SystemExit):
+        pass_through = run_mod.parser().parse_args(["--revision"])  # noqa: F841
+    from service import config as c
+
+    with pytest.raises(c.ConfigError, match="--revision: the model 'mine' is not named by a Hugging Face id"):
+        run_mod.build_config(run_mod.parser().parse_args(["--model", f"mine={ROOT}", "--revision", "v1"]))
     assert (cfg.limits.max_batch_tokens, cfg.limits.max_client_batch_size, cfg.limits.auto_truncate, cfg.envoy.listen_port) == (4096, 64, True, 8181)
     from service import config as c
 

@@ -202,7 +202,11 @@ class OllamaServicer:
 
     def _tag(self, name: str) -> dict[str, Any]:
         config = self.embedder.registry.config(name)
-        size, family = (0, "") if config.provider else _folder_facts(config.resolved_path())
+        state, served = self.embedder.registry.peek(name)
+        try:  # a loaded model's own folder; another's is looked up in its cache without checking it (no hashing here)
+            size, family = (0, "") if config.provider else _folder_facts(getattr(served, "path", "") or config.resolved_path())
+        except Exception:  # a model the cache no longer holds: listed, without facts
+            size, family = 0, ""
         return {
             "name": name,
             "model": name,

@@ -95,14 +95,22 @@ def load_model(
     fidelity = None
     if config.precision == "auto" and runtime.precision != "fp32":
         # `auto` promises cosine >= FIDELITY_BAR to fp32: kept per model, on the probe texts, or fp32 it is.
-        fidelity = {"tried": precision, "min_cosine": round(precision_fidelity(runtime, runtime_name, folder, tokenizer, head, n_threads), 6)}
-        fidelity["chosen"] = precision if fidelity["min_cosine"] >= FIDELITY_BAR else "fp32"
+        tried = runtime.precision
+        try:
+            lowest = precision_fidelity(runtime, runtime_name, folder, tokenizer, head, n_threads)
+        except Exception as e:  # the reference could not be built: no promise can be checked, so none is made
+            log.warning("the bf16 check could not run: serving fp32", extra={"model": config.id, "error": f"{type(e).__name__}: {e}"})
+            lowest = float("nan")
+        fidelity = {"tried": tried, "min_cosine": round(lowest, 6) if lowest == lowest else None,
+                    "chosen": tried if lowest >= FIDELITY_BAR else "fp32"}
         if fidelity["chosen"] == "fp32":
             log.warning("bf16 misses the fidelity bar for this model: serving fp32",
                         extra={"model": config.id, "min_cosine": fidelity["min_cosine"], "bar": FIDELITY_BAR})
+            del runtime  # before the fp32 one is built: never both in memory at once
             runtime = make_runtime(runtime_name, "fp32", folder, n_threads)
     elif config.precision == "auto":
-        fidelity = {"tried": "fp32", "min_cosine": 1.0, "chosen": "fp32", "why": "no bf16 units on this CPU" if not cpu_has_bf16() else runtime_name}
+        fidelity = {"tried": "fp32", "min_cosine": 1.0, "chosen": "fp32",
+                    "why": "no bf16 units on this CPU" if not cpu_has_bf16() else f"the {runtime_name} runtime runs fp32 here"}
 
     batcher = Batcher(
         config.id,
@@ -177,7 +185,8 @@ def precision_fidelity(runtime: Runtime, runtime_name: str, folder: ModelFolder,
         mask, types, none = np.ones_like(ids), np.zeros_like(ids), np.zeros(1, dtype=np.int64)
         a = head(runtime.forward(ids, mask, types), mask, none)[0]
         b = head(reference.forward(ids, mask, types), mask, none)[0]
-        lowest = min(lowest, float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))
+        cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+        lowest = min(lowest, cosine if np.isfinite(cosine) else -1.0)  # a NaN or inf vector is as far as can be
     return lowest
 
 

@@ -82,7 +82,7 @@ class OpenVinoRuntime(Runtime):
         self.streams = max(1, int(self._throughput.get_property("NUM_STREAMS")))
         # What OpenVINO runs, not what was asked: a bf16 hint on a CPU without bf16 units runs f32 (reported as such, so
         # that /info and the logs never call an fp32 model bf16).
-        if precision == "bf16" and "bf16" not in str(self._latency.get_property("INFERENCE_PRECISION_HINT")).lower():
+        if precision == "bf16" and self._latency.get_property("INFERENCE_PRECISION_HINT") != ov.Type.bf16:
             self.precision = "fp32"
         self.inputs = [i.get_any_name() for i in self._latency.inputs]
         self._alone_request = self._latency.create_infer_request()

@@ -138,7 +138,7 @@ class Base:
             return ()
         if model.id not in self._pooling:
             loop = asyncio.get_running_loop()
-            folder = await loop.run_in_executor(self.embedder.executor, read_folder, model.path or model.config.resolved_path())
+            folder = await loop.run_in_executor(self.embedder.executor, lambda: read_folder(model.path or model.config.resolved_path()))
             self._pooling[model.id] = folder.pooling_modes
         return self._pooling[model.id]
 
