@@ -189,9 +189,13 @@ def _download(repo: str, revision: str, progress: bool) -> Path:
 
 
 def _endpoint() -> str:
+    """The hub's address for a message: without any user:password a mirror's URL may carry."""
+    from urllib.parse import urlsplit
+
     from huggingface_hub import constants
 
-    return constants.ENDPOINT
+    url = urlsplit(constants.ENDPOINT)
+    return url._replace(netloc=url.hostname + (f":{url.port}" if url.port else "") if url.hostname else "").geturl()
 
 
 def _wanted(name: str) -> bool:
