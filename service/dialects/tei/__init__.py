@@ -1,5 +1,7 @@
 """Text Embeddings Inference (huggingface/text-embeddings-inference) for an embedding model: its HTTP routes and
-its own gRPC API, `tei.v1` (proto/tei/v1/tei.proto, TEI's file as published: code generated from it calls us).
+its own gRPC API, `tei.v1` (proto/tei/v1/tei.proto, TEI v1.9.3's file as published: code generated from it calls us; its
+`optional bool normalize` unset is true and `optional uint32 dimensions` cuts, as TEI 1.9 does). `/info.version` is this
+service's version, not TEI's.
 
 HTTP (`proto/embedding/dialects/v1/tei.proto`): `POST /embed` and `POST /` (TEI's route for an embedding model),
 `POST /embed_all`, `POST /tokenize`, `POST /decode`, `GET /info`, `GET /health`; answers and errors as TEI writes

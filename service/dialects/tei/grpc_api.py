@@ -42,7 +42,11 @@ def grpc_embed_core(requests: list[Any], call: rpc.Call, all_tokens: bool = Fals
     return EmbedRequest(
         inputs=[m.inputs for m in requests],
         model=call.settings["model"],
-        normalize=False if all_tokens else first.normalize,
+        # TEI 1.9's `optional bool normalize`: unset is true (as its HTTP API); clients of older protos that set it true
+        # send it, and one that left it false (not on the wire) now gets what current TEI gives, a unit vector.
+        normalize=False if all_tokens else (first.normalize if first.HasField("normalize") else True),
+        # `optional uint32 dimensions` (TEI 1.9): the first N components, normalized again when normalizing.
+        dimensions=None if all_tokens else grpc_dimensions(first),
         truncate=first.truncate,
         truncation_direction=grpc_direction(first.truncation_direction),
         prompt_name=first.prompt_name if first.HasField("prompt_name") else None,
@@ -51,6 +55,14 @@ def grpc_embed_core(requests: list[Any], call: rpc.Call, all_tokens: bool = Fals
         deadline=call.deadline,
         param="inputs",
     )
+
+
+def grpc_dimensions(request: Any) -> int | None:
+    if not request.HasField("dimensions"):
+        return None
+    if request.dimensions == 0:
+        raise errors.invalid_argument("`dimensions` should be positive", "dimensions")  # TEI's own words
+    return request.dimensions
 
 
 def grpc_embed_one(request: tei.EmbedRequest, call: rpc.Call) -> EmbedRequest:
@@ -174,7 +186,8 @@ class _GrpcBase(Base):
     async def embed_group(self, group: list[Any], call: rpc.Call, respond_one: Callable[[EmbedResult, int, int], Any], all_tokens: bool) -> streams.Group:
         out: list[Any] = []
         options = (lambda m: (m.truncate, m.truncation_direction, m.HasField("prompt_name"), m.prompt_name)) if all_tokens else \
-            (lambda m: (m.truncate, m.normalize, m.truncation_direction, m.HasField("prompt_name"), m.prompt_name))
+            (lambda m: (m.truncate, m.HasField("normalize"), m.normalize, m.HasField("dimensions"), m.dimensions, m.truncation_direction,
+                        m.HasField("prompt_name"), m.prompt_name))
         for run in streams.runs(group, options):
             try:
                 result = await self.embed_waiting(grpc_embed_core(run, call, all_tokens))
