@@ -74,8 +74,19 @@ def test_openai_sdk_float(openai_client, reference):
 
 
 def test_openai_sdk_token_ids_and_dimensions(openai_client, reference):
+    """Issue 30.A: OpenAI's clients send token ids of OpenAI's tokenizer (tiktoken cl100k_base: [15339, 1917] is "hello
+    world"); read as this model's, they embedded other text (cosine 0.13). They are refused, saying how to send text;
+    this model's own ids are read only when the caller says so (X-Token-Ids: model)."""
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as e:
+        openai_client.embeddings.create(model=MODEL, input=[[15339, 1917]])
+    assert "check_embedding_ctx_length=False" in e.value.message and "X-Token-Ids: model" in e.value.message
+    assert e.value.body["param"] == "input"
+    with pytest.raises(openai.BadRequestError):
+        openai_client.embeddings.create(model=MODEL, input=[15339, 1917])
     ids = reference.tokenizer(TEXTS[1])["input_ids"]
-    resp = openai_client.embeddings.create(model=MODEL, input=[ids], encoding_format="float")
+    resp = openai_client.embeddings.create(model=MODEL, input=[ids], encoding_format="float", extra_headers={"X-Token-Ids": "model"})
     close(resp.data[0].embedding, reference.encode(TEXTS[1]))
     resp = openai_client.embeddings.create(model=MODEL, input=TEXTS[1], dimensions=8)
     v = reference.encode(TEXTS[1])[:8]
@@ -137,7 +148,7 @@ def test_openai_exact_response_shape(stack):
 )
 @pytest.mark.parametrize("route", ["/v1/embeddings", "/api/embeddings"])
 def test_openai_error_envelope(stack, route, payload, status, param, needle):
-    err = json_error(post(stack, route, payload), status)["error"]
+    err = json_error(post(stack, route, payload, headers={"X-Token-Ids": "model"}), status)["error"]  # the token arrays' checks
     assert set(err) == {"message", "type", "param", "code"}
     assert err["param"] == param
     assert needle in err["message"]

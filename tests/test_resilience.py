@@ -100,7 +100,7 @@ def test_a_request_the_caps_must_refuse_is_a_400_even_when_the_queue_is_full(tig
         try:
             for _ in range(4):
                 for body, code in ((over_windows, "TOO_MANY_WINDOWS"), (over_one, "INPUT_TOO_LONG")):
-                    r = requests.post(tight.http_url + "/v1/embeddings", json=body, timeout=60)
+                    r = requests.post(tight.http_url + "/v1/embeddings", json=body, timeout=60, headers={"X-Token-Ids": "model"})
                     assert r.status_code == 400, (code, r.status_code, r.text[:300])
                     assert "limits.max_" in r.json()["error"]["message"], r.text[:300]
         finally:

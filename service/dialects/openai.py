@@ -52,7 +52,17 @@ def error_body(err: errors.ServiceError) -> dict[str, Any]:
     }
 
 
-def parse_input(raw: Any, max_inputs: int) -> list[str] | list[np.ndarray]:
+# The header that says a request's token arrays are this model's own token ids (from its /tokenize, say).
+OWN_IDS_HEADER = "x-token-ids"
+TOKEN_IDS_REFUSED = (
+    "'input' holds token ids, which this server does not read from OpenAI-style clients: they are ids of OpenAI's "
+    "tokenizer (tiktoken), not of this model's, so they would embed other text. Send the text instead (LangChain: "
+    "OpenAIEmbeddings(check_embedding_ctx_length=False)); ids of this model's own tokenizer are read with the header "
+    "'X-Token-Ids: model'."
+)
+
+
+def parse_input(raw: Any, max_inputs: int, own_ids: bool = False) -> list[str] | list[np.ndarray]:
     """string | string[] | int[] | int[][] → texts or token-id arrays; the count is checked before anything is converted."""
     if isinstance(raw, str):
         if not raw:
@@ -77,7 +87,11 @@ def parse_input(raw: Any, max_inputs: int) -> list[str] | list[np.ndarray]:
     if isinstance(first, list):
         if not all(isinstance(x, list) for x in raw):
             raise errors.invalid_argument("'input' mixes types; use strings only or token arrays only.", "input")
+        if not own_ids:
+            raise errors.invalid_argument(TOKEN_IDS_REFUSED, "input", "TOKEN_IDS_NOT_READ")
         return [token_array(x, f"input[{i}]", "input") for i, x in enumerate(raw)]
+    if not own_ids:
+        raise errors.invalid_argument(TOKEN_IDS_REFUSED, "input", "TOKEN_IDS_NOT_READ")
     return [token_array(raw, "input", "input")]
 
 
@@ -95,7 +109,7 @@ def to_core(body: httpbody_pb2.HttpBody, call: rpc.Call) -> EmbedRequest:
         raise errors.invalid_argument(f"'dimensions' must be an integer of at least 1; got {dimensions}.", "dimensions")
     typed(data, "user", str, "a string")
     return EmbedRequest(
-        inputs=parse_input(data.get("input"), call.max_inputs),
+        inputs=parse_input(data.get("input"), call.max_inputs, call.headers.get(OWN_IDS_HEADER, "").strip().lower() == "model"),
         model=model,
         dimensions=int(dimensions) if dimensions is not None else None,
         # OpenAI reads 8,191 tokens: a longer input than the model's is chunked by default (`dialects.long_inputs`).
