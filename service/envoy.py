@@ -161,6 +161,22 @@ def _local(host: str) -> str:
     return host if host not in ("0.0.0.0", "::") else "127.0.0.1"
 
 
+# Ollama's Go client checks the server is up with HEAD / (its Heartbeat), and tools probe HEAD /api/version and
+# /api/tags: Ollama answers 200 with no body. The transcoder maps only the methods the protos bind (GET), so Envoy
+# answers these itself; they say nothing but that the service is up.
+OLLAMA_HEAD_PATHS = ("/", "/api/version", "/api/tags")
+
+
+def ollama_heartbeats(served) -> list[dict[str, Any]]:
+    if not any(d.name == "ollama" for d in served):
+        return []
+    skip = {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
+    return [{"match": {"path": path, "headers": [{"name": ":method", "string_match": {"exact": "HEAD"}}]},
+             # Past the transcoder (which would refuse a method no proto binds) and the buffer: Envoy answers.
+             "typed_per_filter_config": {"envoy.filters.http.grpc_json_transcoder": skip, "envoy.filters.http.buffer": skip},
+             "direct_response": {"status": 200}} for path in OLLAMA_HEAD_PATHS]
+
+
 def render(config: Config, upstreams: list[tuple[str, int]] | None = None, descriptor: Path | str = DESCRIPTOR,
            metrics_upstream: tuple[str, int] | None = None) -> dict[str, Any]:
     """The Envoy bootstrap for `config`, forwarding to `upstreams` (default: the configured gRPC server) and serving
@@ -246,7 +262,7 @@ def render(config: Config, upstreams: list[tuple[str, int]] | None = None, descr
                     # After transcoding every path is a gRPC method path: one route serves all.
                     # Native gRPC first: its streams pass through unbuffered (TEI's EmbedStream streams both ways); the
                     # buffer filter's body limit is for REST, and the server bounds gRPC messages itself.
-                    "routes": [stream_route, grpc_route, rest_route],
+                    "routes": [stream_route, grpc_route, *ollama_heartbeats(served), rest_route],
                 }
             ],
         },

@@ -112,6 +112,10 @@ def test_list_and_version(client, stack):
     assert requests.get(stack.http_url + "/api/version", timeout=10).json() == {"version": ollama.OLLAMA_VERSION}
     r = requests.get(stack.http_url + "/", timeout=10)
     assert r.status_code == 200 and r.text == "Ollama is running"
+    # Issue 30.3: the Go client's Heartbeat (HEAD /) and HEAD probes of /api/version and /api/tags: 200, no body, as Ollama.
+    for path in ("/", "/api/version", "/api/tags"):
+        r = requests.head(stack.http_url + path, timeout=10)
+        assert (r.status_code, r.content) == (200, b""), path
 
 
 def test_large_request(client, reference):
