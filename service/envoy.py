@@ -66,7 +66,9 @@ LUA = f"""
 function envoy_on_request(handle)
   local ctype = handle:headers():get("content-type") or ""
   if string.find(ctype, "application/grpc", 1, true) ~= 1 then
-    handle:headers():replace("{REST_MARK}", "1")
+    -- The mark carries the REST path (without its query): a route shared by two APIs tells them apart by it.
+    local path = string.match(handle:headers():get(":path") or "", "^[^?]*") or ""
+    handle:headers():replace("{REST_MARK}", path ~= "" and path or "/")
     -- Google's APIs also take the key as `?key=`: give it to the server as the header Gemini's clients send.
     if handle:headers():get("x-goog-api-key") == nil then
       local key = string.match(handle:headers():get(":path") or "", "[?&]key=([^&]*)")

@@ -177,8 +177,13 @@ def test_envoy_replies_on_the_exact_route(stack):
 
 def test_legacy_errors_are_ollamas(stack):
     assert ollama_error(post(stack, "/api/embeddings", {"model": "nope", "prompt": "a"}), 404) == 'model "nope" not found, try pulling it first'
-    # no `prompt`: AIGNE Hub's request, with OpenAI's error
-    assert post(stack, "/api/embeddings", {"model": MODEL}).json()["error"]["param"] == "input"
+    # Issue 30.3: only the model (and options) is how Ollama's clients preload it: {"embedding": []}, as Ollama answers;
+    # the same body on OpenAI's own route is OpenAI's error, and a body with `input` is AIGNE Hub's request.
+    for body in ({"model": MODEL}, {"model": MODEL, "keep_alive": "5m", "options": {}}):
+        r = post(stack, "/api/embeddings", body)
+        assert (r.status_code, r.json()) == (200, {"embedding": []}), r.text
+    assert post(stack, "/v1/embeddings", {"model": MODEL}).json()["error"]["param"] == "input"
+    assert post(stack, "/api/embeddings", {"model": MODEL, "input": []}).json()["error"]["param"] == "input"
 
 
 # -- routing: the body chooses the API, the configuration the routes ------------------------------

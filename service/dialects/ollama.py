@@ -107,9 +107,15 @@ def _legacy_error(err: errors.ServiceError) -> errors.ServiceError:
     return dataclasses.replace(err, dialect="ollama", metadata=dict(err.metadata))
 
 
+# Ollama's older route (shared with AIGNE Hub's), and the keys of a body that only preloads a model there
+# (`ollama.embeddings(model=M)`): the model loads, the answer is {"embedding": []}.
+LEGACY_PATH = "/api/embeddings"
+LEGACY_PRELOAD = {"model", "options", "keep_alive"}
+
+
 def legacy_to_core(data: dict[str, Any], call: rpc.Call) -> EmbedRequest:
     """Ollama's `{model, prompt}` (already parsed from the JSON body of `POST /api/embeddings`)."""
-    prompt, model = data.get("prompt"), data.get("model")
+    prompt, model = data.get("prompt", ""), data.get("model")
     if not isinstance(prompt, str) or not isinstance(model, (str, type(None))):
         raise _legacy_error(errors.invalid_argument("prompt and model must be strings", "prompt"))
     return EmbedRequest(

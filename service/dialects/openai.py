@@ -98,8 +98,12 @@ def parse_input(raw: Any, max_inputs: int, own_ids: bool = False) -> list[str] |
 def to_core(body: httpbody_pb2.HttpBody, call: rpc.Call) -> EmbedRequest:
     """OpenAI's JSON body (passed through by Envoy as raw bytes: no transcoding of a million token ids there)."""
     data = json_object(body.data)
-    if call.settings.get("ollama_legacy") and "prompt" in data and "input" not in data:
-        return ollama.legacy_to_core(data, call)  # Ollama's older API on AIGNE Hub's path: its body chose
+    if call.settings.get("ollama_legacy") and "input" not in data and (
+        "prompt" in data or (call.headers.get(rpc.REST_MARK) == ollama.LEGACY_PATH and data and set(data) <= ollama.LEGACY_PRELOAD)
+    ):
+        # Ollama's older API on AIGNE Hub's path: its body chose. A prompt, or on /api/embeddings only the model (and
+        # options): how Ollama's clients preload a model, answered {"embedding": []}.
+        return ollama.legacy_to_core(data, call)
     model = typed(data, "model", str, "a string") or ""
     fmt = typed(data, "encoding_format", str, "'float' or 'base64'") or "float"
     if fmt not in ("float", "base64"):
