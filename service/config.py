@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,6 +177,10 @@ class EnvoyConfig:
     max_streams_per_connection: int = 128
     # Longest a request may take through Envoy (also the gRPC deadline it allows).
     route_timeout_seconds: float = 120.0
+    # Web pages allowed to call the REST APIs from a browser (CORS): exact origins (https://app.example.com), or `*` for
+    # any. Empty (the default): no CORS headers, so browsers refuse cross-origin calls. Keys are bearer tokens, never
+    # cookies, so `*` lets no page act as a signed-in user; a browser app still holds a key of its own.
+    cors_allow_origins: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -390,6 +395,9 @@ class Config:
             raise ConfigError("limits.max_stream_bytes: must not be more than limits.max_streams_bytes (all streams together)")
         if self.envoy.idle_timeout_seconds <= 0 or self.envoy.max_streams_per_connection < 1:
             raise ConfigError("envoy.idle_timeout_seconds and envoy.max_streams_per_connection: must be > 0")
+        for origin in self.envoy.cors_allow_origins:
+            if origin != "*" and not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?", origin):
+                raise ConfigError(f"envoy.cors_allow_origins: {origin!r} is not an origin (scheme://host[:port]) or *")
         if not 0 <= self.envoy.retries <= 10:
             raise ConfigError("envoy.retries: must be between 0 and 10")
         # A file that names some dialects keeps the defaults of the others.

@@ -179,6 +179,28 @@ def ollama_heartbeats(served) -> list[dict[str, Any]]:
              "direct_response": {"status": 200}} for path in OLLAMA_HEAD_PATHS]
 
 
+# What a browser may send and read cross-origin: every API's auth header (a bearer token is never sent unless listed),
+# any other (`*`: the SDKs' own, x-stainless-* and x-goog-api-client), and the headers the APIs answer with.
+CORS_ALLOW_HEADERS = "authorization,content-type,x-api-key,x-goog-api-key,x-token-ids,*"
+CORS_EXPOSE_HEADERS = ("x-request-id,x-cache,retry-after,x-compute-time,x-compute-tokens,x-compute-characters,x-total-time,"
+                       "x-tokenization-time,x-queue-time,x-inference-time,openai-processing-ms")
+
+
+def cors_policy(origins: list[str]) -> dict[str, Any]:
+    """`envoy.cors_allow_origins` as the virtual host's CORS policy; none (no headers at all) when empty."""
+    if not origins:
+        return {}
+    match = [{"safe_regex": {"regex": ".*"}}] if "*" in origins else [{"exact": o} for o in origins]
+    return {"typed_per_filter_config": {"envoy.filters.http.cors": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy",
+        "allow_origin_string_match": match,
+        "allow_methods": "GET,POST,HEAD,OPTIONS",
+        "allow_headers": CORS_ALLOW_HEADERS,
+        "expose_headers": CORS_EXPOSE_HEADERS,
+        "max_age": "86400",
+    }}}
+
+
 def render(config: Config, upstreams: list[tuple[str, int]] | None = None, descriptor: Path | str = DESCRIPTOR,
            metrics_upstream: tuple[str, int] | None = None) -> dict[str, Any]:
     """The Envoy bootstrap for `config`, forwarding to `upstreams` (default: the configured gRPC server) and serving
@@ -265,11 +287,14 @@ def render(config: Config, upstreams: list[tuple[str, int]] | None = None, descr
                     # Native gRPC first: its streams pass through unbuffered (TEI's EmbedStream streams both ways); the
                     # buffer filter's body limit is for REST, and the server bounds gRPC messages itself.
                     "routes": [stream_route, grpc_route, *ollama_heartbeats(served), rest_route],
+                    **cors_policy(env.cors_allow_origins),
                 }
             ],
         },
         "local_reply_config": local_reply_config(served),
         "http_filters": [
+            # First: a browser's preflight (OPTIONS) is answered here, before anything marks it a REST call to reshape.
+            {"name": "envoy.filters.http.cors", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"}},
             # Listed before the transcoder, so it sees responses after the transcoder made them JSON.
             {
                 "name": "envoy.filters.http.lua",
