@@ -329,7 +329,7 @@ def test_mpnet_tokenizes_with_its_own_tokenizer_and_reads_384_tokens(both, mpnet
     assert len(library.encode(long_text).ids) > 384
     # TEI (refuse, its default), Ollama (truncate, its default), OpenAI (chunk, this service's default for it).
     r = post(both, "/embed", {"inputs": long_text})
-    assert r.status_code == 413 and "384" in r.json()["error"], r.text
+    assert r.status_code == 422 and "384" in r.json()["error"], r.text
     r = post(both, "/api/embed", {"model": "mpnet", "input": long_text})
     got = np.array(r.json()["embeddings"][0])
     ref_mpnet.max_seq_length = 384

@@ -99,7 +99,7 @@ def test_hub_errors_are_raised(hub):
 
     with pytest.raises(HfHubHTTPError) as e:
         hub.feature_extraction(LONG)  # truncate defaults to the server's auto_truncate (off)
-    assert e.value.response.status_code == 413
+    assert e.value.response.status_code == 422  # TEI 1.9's status for a Validation error
     assert "256 tokens" in str(e.value)
 
 
@@ -131,7 +131,7 @@ def test_auto_truncate_is_the_truncate_default(tmp_path_factory, reference):
     cfg.limits.auto_truncate = True
     with Stack(cfg.validate(), log_dir=tmp_path_factory.mktemp("tei-auto-truncate")) as s:
         close(post(s, "/embed", {"inputs": LONG}).json(), reference.encode([LONG]))
-        tei_error(post(s, "/embed", {"inputs": LONG, "truncate": False}), 413, "Validation")
+        tei_error(post(s, "/embed", {"inputs": LONG, "truncate": False}), 422, "Validation")
         assert requests.get(s.http_url + "/info", timeout=10).json()["auto_truncate"] is True
 
 
@@ -184,7 +184,7 @@ def test_info_and_health(stack):
     assert r.status_code == 200 and r.content == b""
 
 
-# TEI's statuses: Empty 400, Validation 413, a body of the wrong shape 422 (TEI's JSON extractor), Backend 424.
+# TEI 1.9.3's statuses (router/src/http/server.rs): Empty 400, Validation and a body of the wrong shape 422, Backend 424.
 ERRORS = [
     ("/embed", {"inputs": []}, 400, "Empty", "cannot be empty"),
     ("/embed", {"inputs": ""}, 400, "Empty", "empty"),
@@ -197,16 +197,16 @@ ERRORS = [
     ("/embed", {"inputs": "a", "normalize": "yes"}, 422, "Validation", "normalize: invalid type: string"),
     ("/embed", {"inputs": "a", "truncation_direction": "up"}, 422, "Validation", "expected `Left` or `Right`"),
     ("/embed", {"inputs": "a", "dimensions": -1}, 422, "Validation", "dimensions"),
-    ("/embed", {"inputs": "a", "dimensions": 1000}, 413, "Validation", "between 1 and 384"),
-    ("/embed", {"inputs": LONG}, 413, "Validation", "256 tokens"),
-    ("/", {"inputs": ["a"] * 2049}, 413, "Validation", "2048"),
-    ("/embed", {"inputs": "a", "prompt_name": "nope"}, 413, "Validation", "prompt_name"),
-    ("/embed_all", {"inputs": LONG}, 413, "Validation", "256 tokens"),
+    ("/embed", {"inputs": "a", "dimensions": 1000}, 422, "Validation", "between 1 and 384"),
+    ("/embed", {"inputs": LONG}, 422, "Validation", "256 tokens"),
+    ("/", {"inputs": ["a"] * 2049}, 422, "Validation", "2048"),
+    ("/embed", {"inputs": "a", "prompt_name": "nope"}, 422, "Validation", "prompt_name"),
+    ("/embed_all", {"inputs": LONG}, 422, "Validation", "256 tokens"),
     ("/embed_all", {"inputs": []}, 400, "Empty", "cannot be empty"),
     ("/embed_sparse", {"inputs": "a"}, 424, "Backend", "SPLADE"),
     ("/tokenize", {"inputs": [101, 102]}, 422, "Validation", "expected a string"),
     ("/tokenize", {"inputs": []}, 400, "Empty", "cannot be empty"),
-    ("/tokenize", {"inputs": "a", "prompt_name": "nope"}, 413, "Validation", "prompt_name"),
+    ("/tokenize", {"inputs": "a", "prompt_name": "nope"}, 422, "Validation", "prompt_name"),
     ("/tokenize", {"inputs": "a", "add_special_tokens": 1}, 422, "Validation", "add_special_tokens"),
     ("/decode", {"ids": "x"}, 422, "Validation", "expected a sequence"),
     ("/decode", {"ids": []}, 400, "Empty", "cannot be empty"),
@@ -773,12 +773,12 @@ def test_streams_answer_in_order_and_never_read_far_ahead_of_a_slow_caller():
 
 def test_answers_that_grow_with_tokens_are_refused_before_the_work(stack):
     """A 174 KiB body asking every token's embedding (or every token's details) would build an answer of hundreds of
-    megabytes: refused at once with TEI's 413, before anything is computed."""
+    megabytes: refused at once with TEI's 422, before anything is computed."""
     many = ["word " * 250] * 128
     r = requests.post(stack.http_url + "/embed_all", json={"inputs": many, "truncate": True}, timeout=60)
-    assert "max_output_values" in tei_error(r, 413, "Validation")["error"]
+    assert "max_output_values" in tei_error(r, 422, "Validation")["error"]
     r = requests.post(stack.http_url + "/tokenize", json={"inputs": ["word " * 39_000] * 30}, timeout=60)
-    assert "max_output_values" in tei_error(r, 413, "Validation")["error"]
+    assert "max_output_values" in tei_error(r, 422, "Validation")["error"]
 
 
 def test_a_malformed_stream_message_is_the_callers_error(stack):

@@ -5,8 +5,8 @@ service's version, not TEI's.
 
 HTTP (`proto/embedding/dialects/v1/tei.proto`): `POST /embed` and `POST /` (TEI's route for an embedding model),
 `POST /embed_all`, `POST /tokenize`, `POST /decode`, `GET /info`, `GET /health`; answers and errors as TEI writes
-them (`{"error": ..., "error_type": ...}` with TEI's statuses: Empty 400, Validation 413, a body of the wrong
-shape 422, Backend 424, Overloaded 429, Unhealthy 503). TEI's HTTP defaults: `normalize` true, `truncate` the
+them (`{"error": ..., "error_type": ...}` with TEI 1.9's statuses: Empty 400, Validation (a body of the wrong
+shape too) 422, Backend 424, Overloaded 429, Unhealthy 503). TEI's HTTP defaults: `normalize` true, `truncate` the
 server's `limits.auto_truncate`, `add_special_tokens` and `skip_special_tokens` true.
 
 gRPC: `tei.v1.Info`, `tei.v1.Embed` (Embed, EmbedAll and their streams; EmbedSparse answers that the model is

@@ -30,9 +30,9 @@ def classify(err: errors.ServiceError) -> tuple[int, str]:
     if code == _C.INVALID_ARGUMENT:
         if err.reason == "EMPTY_INPUT":
             return 400, "Empty"
-        if err.reason in (UNPROCESSABLE, "MALFORMED_REQUEST"):
-            return 422, "Validation"
-        return 413, "Validation"  # too many inputs, too long, an unknown prompt_name: TEI's Validation
+        # TEI 1.9.3 answers every Validation error 422 (router/src/http/server.rs): too many inputs, too long, an unknown
+        # prompt_name, as a body of the wrong shape (TEI before 1.9: 413).
+        return 422, "Validation"
     if code == _C.RESOURCE_EXHAUSTED:
         return 429, "Overloaded"
     if code == _C.UNAVAILABLE:
