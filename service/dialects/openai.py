@@ -99,7 +99,8 @@ def to_core(body: httpbody_pb2.HttpBody, call: rpc.Call) -> EmbedRequest:
     """OpenAI's JSON body (passed through by Envoy as raw bytes: no transcoding of a million token ids there)."""
     data = json_object(body.data)
     if call.settings.get("ollama_legacy") and "input" not in data and (
-        "prompt" in data or (call.headers.get(rpc.REST_MARK) == ollama.LEGACY_PATH and data and set(data) <= ollama.LEGACY_PRELOAD)
+        "prompt" in data or (call.headers.get(rpc.REST_MARK) == ollama.LEGACY_PATH and isinstance(data.get("model"), str)
+                              and set(data) <= ollama.LEGACY_PRELOAD)
     ):
         # Ollama's older API on AIGNE Hub's path: its body chose. A prompt, or on /api/embeddings only the model (and
         # options): how Ollama's clients preload a model, answered {"embedding": []}.
