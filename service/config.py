@@ -259,7 +259,7 @@ class CacheConfig:
 
 LONG_INPUT_DEFAULTS = {
     "openai": "chunk",  # OpenAI reads 8,191 tokens; AIGNE Hub is the same API
-    "cohere": "chunk",
+    "cohere": "truncate",  # Cohere's `truncate` defaults to END
     "gemini": "chunk",
     "ollama": "truncate",  # Ollama's own `truncate` defaults to true
     "inworld": "truncate",

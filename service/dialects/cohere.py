@@ -8,9 +8,8 @@
 - `input_type` picks the model's prompt for it where the model has one: `search_query` → `search_query` or
   `query`, `search_document` → `search_document`, `document` or `passage`, `classification` and `clustering` →
   the prompt of that name; none of them: the model's default.
-- `truncate`: END cuts an over-long input at its end, START at its start, NONE refuses it (400); left out, the
-  whole input is read in windows (`dialects.long_inputs.cohere`: chunk; Cohere's own service cuts at the end there,
-  which `truncate` in that key reproduces).
+- `truncate`: END cuts an over-long input at its end, START at its start, NONE refuses it (400); left out, END, as
+  Cohere documents (`dialects.long_inputs.cohere`: truncate; `chunk` there reads a left-out one whole, in windows).
 - `output_dimension`: the first N components, normalized again. `max_tokens` is accepted; inputs are cut at
   the model's own limit (see the README).
 - v1 without `embedding_types` answers `embeddings_floats` (a bare list of float vectors), else by type.
@@ -128,8 +127,8 @@ def to_core(request: pb.CohereEmbedRequest, call: rpc.Call) -> EmbedRequest:
         raise errors.invalid_argument(f"output_dimension must be at least 1; got {dimensions}.", "output_dimension")
     if request.HasField("max_tokens") and request.max_tokens < 1:
         raise errors.invalid_argument(f"max_tokens must be at least 1; got {request.max_tokens}.", "max_tokens")
-    # Left out, the route's policy decides (`dialects.long_inputs.cohere`: chunk, the whole text read); END/START cut
-    # from that side, NONE refuses.
+    # Left out, the route's policy decides (`dialects.long_inputs.cohere`: truncate, Cohere's END; chunk reads it whole);
+    # END/START cut from that side, NONE refuses.
     direction = TRUNCATE[truncate] if truncate else "right"
     return EmbedRequest(
         inputs=texts,
