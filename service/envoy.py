@@ -66,9 +66,13 @@ LUA = f"""
 function envoy_on_request(handle)
   local ctype = handle:headers():get("content-type") or ""
   if string.find(ctype, "application/grpc", 1, true) ~= 1 then
-    -- The mark carries the REST path (without its query): a route shared by two APIs tells them apart by it.
+    -- The mark carries the REST path (without its query): a route shared by two APIs tells them apart by it. Only a
+    -- short one: it travels as gRPC metadata, whose size the server bounds (8 KiB), and the routes compared are short.
     local path = string.match(handle:headers():get(":path") or "", "^[^?]*") or ""
-    handle:headers():replace("{REST_MARK}", path ~= "" and path or "/")
+    if path == "" or string.len(path) > 128 then
+      path = "/"
+    end
+    handle:headers():replace("{REST_MARK}", path)
     -- Google's APIs also take the key as `?key=`: give it to the server as the header Gemini's clients send.
     if handle:headers():get("x-goog-api-key") == nil then
       local key = string.match(handle:headers():get(":path") or "", "[?&]key=([^&]*)")
@@ -214,6 +218,9 @@ def render(config: Config, upstreams: list[tuple[str, int]] | None = None, descr
     host = listen_host(config)
     rest_route = {
         "match": {"prefix": "/"},
+        # The transcoder keeps the caller's whole path (query included) in this header; sent on as gRPC metadata, a long
+        # one passed the server's metadata bound and came back a 429. The server never reads it.
+        "request_headers_to_remove": ["x-envoy-original-path"],
         "request_headers_to_add": [
             {
                 "header": {"key": DOWNSTREAM_HEADER, "value": "%DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT%"},

@@ -203,3 +203,17 @@ def test_huge_arrays_and_huge_numbers_are_a_clear_answer(stack, route, size, ite
     assert r.status_code < 500, (route, field, size, item, r.status_code, r.text[:300])
     if r.status_code >= 400:
         dialect_shaped(route, r)
+
+
+@pytest.mark.parametrize("n", [7_000, 20_000, 50_000])
+def test_long_paths_and_query_strings_are_answered_in_the_routes_shape(stack, n):
+    """Envoy sends headers on to the server as gRPC metadata, which the server bounds (8 KiB soft, 16 KiB hard): the
+    transcoder's copy of the whole path (x-envoy-original-path) made a 20 KB query string a 429 saying "received
+    metadata size exceeds hard limit" (a retry invitation, in no API's shape), and the REST mark once carried the path
+    too. Neither reaches the server now: a long path or query is what it would be short."""
+    r = requests.get(stack.http_url + "/v1/models/" + "a" * n, timeout=30)
+    assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text[:200]
+    r = requests.post(stack.http_url + "/api/embed?x=" + "b" * n, json={"model": "nope", "input": "x"}, timeout=30)
+    assert r.status_code == 404 and r.json() == {"error": 'model "nope" not found, try pulling it first'}, r.text[:200]
+    r = requests.post(stack.http_url + "/v1/embeddings?x=" + "b" * n, json={"model": "sentence-transformers/all-MiniLM-L6-v2", "input": "x"}, timeout=30)
+    assert r.status_code == 200, r.text[:200]
