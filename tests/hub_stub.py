@@ -127,6 +127,12 @@ class HubStub:
                     self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
                 return commit
 
+            def _resolve(self, name: str, rev: str) -> tuple[Repo, str] | None:
+                """The repository and the commit `rev` names, or None when an error was answered."""
+                repo = self._repo(name)
+                commit = self._commit(repo, rev) if repo is not None else None
+                return (repo, commit) if repo is not None and commit is not None else None
+
             def _serve(self, body: bool) -> None:
                 url = urllib.parse.urlsplit(self.path)
                 path = urllib.parse.unquote(url.path)
@@ -134,12 +140,10 @@ class HubStub:
                 parts = path.strip("/").split("/")
                 if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] in ("revision", "tree"):
                     name, kind, rev = "/".join(parts[2:4]), parts[4], parts[5]
-                    repo = self._repo(name)
-                    if repo is None:
+                    found = self._resolve(name, rev)
+                    if found is None:
                         return
-                    commit = self._commit(repo, rev)
-                    if commit is None:
-                        return
+                    repo, commit = found
                     files = repo.files_by_commit[commit]
                     if kind == "revision":
                         return self._json({"_id": name, "id": name, "modelId": name, "sha": commit, "private": bool(repo.token),
@@ -159,12 +163,10 @@ class HubStub:
                     return self._json(entries)
                 if len(parts) >= 5 and parts[2] == "resolve":
                     name, rev, file_path = "/".join(parts[:2]), parts[3], "/".join(parts[4:])
-                    repo = self._repo(name)
-                    if repo is None:
+                    found = self._resolve(name, rev)
+                    if found is None:
                         return
-                    commit = self._commit(repo, rev)
-                    if commit is None:
-                        return
+                    repo, commit = found
                     f = repo.files_by_commit[commit].get(file_path)
                     if f is None:
                         return self._error(404, "EntryNotFound", f"{file_path} does not exist at {rev}")
