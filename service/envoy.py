@@ -84,6 +84,12 @@ function envoy_on_request(handle)
         end
       end
     end
+    -- GET /v1/models[/...] is OpenAI's and Gemini's (models.list, models.get): a Google client's goes to Gemini's.
+    local p = handle:headers():get(":path") or ""
+    if handle:headers():get(":method") == "GET" and (string.find(p, "^/v1/models$") or string.find(p, "^/v1/models[/?]"))
+        and (handle:headers():get("x-goog-api-key") ~= nil or handle:headers():get("x-goog-api-client") ~= nil) then
+      handle:headers():replace(":path", "/v1beta" .. string.sub(p, 4))
+    end
   end
 end
 
@@ -132,6 +138,17 @@ def _paths(prefixes: tuple[str, ...]) -> dict[str, Any]:
     return filters[0] if len(filters) == 1 else {"or_filter": {"filters": filters}}
 
 
+def _status_is(http: int) -> dict[str, Any]:
+    return {"status_code_filter": {"comparison": {"op": "EQ", "value": {"default_value": http, "runtime_key": f"local_reply.code_{http}"}}}}
+
+
+def _with_status_name(body: Any, name: str) -> Any:
+    """`body` with every `%STATUS_NAME%` replaced by `name`."""
+    if isinstance(body, dict):
+        return {k: _with_status_name(v, name) for k, v in body.items()}
+    return name if body == "%STATUS_NAME%" else body
+
+
 def local_reply_config(served: tuple[dialects.Dialect, ...]) -> dict[str, Any]:
     """Envoy's own replies (malformed JSON, wrong types, body too large) in each dialect's error shape.
 
@@ -144,16 +161,24 @@ def local_reply_config(served: tuple[dialects.Dialect, ...]) -> dict[str, Any]:
         if dialect.envoy_error_body is None:
             continue
         prefixes = (*dialect.rest_prefixes, *(f"/{s}/" for s in dialect.services))
+        names = dialect.envoy_status_names or {}
+        for http, name in names.items():
+            mappers.append(
+                {
+                    "filter": {"and_filter": {"filters": [_not_grpc(), _paths(prefixes), _status_is(http)]}},
+                    "body_format_override": {"json_format": _with_status_name(dialect.envoy_error_body, name)},
+                }
+            )
         mappers.append(
             {
                 "filter": {"and_filter": {"filters": [_not_grpc(), _paths(prefixes)]}},
-                "body_format_override": {"json_format": dialect.envoy_error_body},
+                "body_format_override": {"json_format": _with_status_name(dialect.envoy_error_body, names.get(400, ""))},
             }
         )
     for http, code in GRPC_CODE_FOR_HTTP.items():
         mappers.append(
             {
-                "filter": {"and_filter": {"filters": [_not_grpc(), {"status_code_filter": {"comparison": {"op": "EQ", "value": {"default_value": http, "runtime_key": f"local_reply.code_{http}"}}}}]}},
+                "filter": {"and_filter": {"filters": [_not_grpc(), _status_is(http)]}},
                 "body_format_override": {"json_format": {"code": code, "message": "%LOCAL_REPLY_BODY%", "details": []}},
             }
         )

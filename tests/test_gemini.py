@@ -201,3 +201,63 @@ def test_a_batch_of_mixed_tasks_says_what_it_chunked(stack):
     r = post(stack, f"/v1beta/models/{MODEL}:batchEmbedContents", {"requests": requests_})
     assert r.status_code == 200, r.text
     assert (r.headers["x-chunked-inputs"], r.headers["x-truncated-inputs"]) == ("1", "0")
+
+
+# -- models.get / models.list ------------------------------------------------------------------------
+# Google's Model resource (ai.google.dev/api/models, v1beta): name `models/{id}`, displayName, inputTokenLimit,
+# supportedGenerationMethods; models.list pages by pageSize / pageToken → nextPageToken. google-genai 3.4.0 calls
+# `GET {version}/models/{id}` and `GET {version}/models?pageSize=...` (models.py: get, _list).
+
+
+def test_models_get_and_list_through_the_client(client, stack):
+    got = client.models.get(model=MODEL)
+    assert (got.name, got.display_name, got.input_token_limit) == (f"models/{MODEL}", MODEL, 256)
+    assert "embedContent" in got.supported_actions
+    assert client.models.get(model=f"models/{MODEL}").name == f"models/{MODEL}"
+    listed = list(client.models.list())
+    assert {m.name for m in listed} == {f"models/{n}" for n in stack_names(stack)}
+    assert all(m.input_token_limit == 256 and "batchEmbedContents" in m.supported_actions for m in listed)
+    # paged one by one: the client's Pager follows nextPageToken
+    assert [m.name for m in client.models.list(config={"page_size": 1})] == [m.name for m in listed]
+    from google.genai import errors as genai_errors
+
+    with pytest.raises(genai_errors.ClientError) as e:
+        client.models.get(model="no-such-model")
+    assert e.value.code == 404 and e.value.status == "NOT_FOUND"
+
+
+def stack_names(stack):
+    return [m["id"] for m in requests.get(f"{stack.http_url}/v1/models", timeout=10).json()["data"]]
+
+
+@pytest.mark.parametrize("how", [{"headers": {"x-goog-api-key": "k"}}, {"params": {"key": "k"}},
+                                 {"headers": {"x-goog-api-client": "google-genai-sdk/3.4.0 gl-python/3.11"}}])
+def test_v1_models_is_geminis_for_a_google_client(stack, how):
+    r = requests.get(f"{stack.http_url}/v1/models", timeout=10, **how)
+    assert r.status_code == 200 and set(r.json()) == {"models"}, r.text
+    r = requests.get(f"{stack.http_url}/v1/models/{MODEL}", timeout=10, **how)
+    assert r.json()["name"] == f"models/{MODEL}", r.text
+    google_error(requests.get(f"{stack.http_url}/v1/models/nope", timeout=10, **how), 404, "NOT_FOUND")
+
+
+def test_v1_models_stays_openais_for_everyone_else(stack):
+    assert requests.get(f"{stack.http_url}/v1/models", timeout=10).json()["object"] == "list"
+    assert requests.get(f"{stack.http_url}/v1/models", headers={"authorization": "Bearer x"}, timeout=10).json()["object"] == "list"
+    # a POST is never rewritten, and /v1/modelsx is not /v1/models
+    assert set(requests.post(f"{stack.http_url}/v1/models", headers={"x-goog-api-key": "k"}, timeout=10).json()["error"]) == {"message", "type", "param", "code"}
+    assert requests.get(f"{stack.http_url}/v1/modelsx", headers={"x-goog-api-key": "k"}, timeout=10).status_code == 404
+
+
+def test_list_pages(stack):
+    names = stack_names(stack)
+    r = requests.get(f"{stack.http_url}/v1beta/models", params={"pageSize": 1}, timeout=10).json()
+    assert len(r["models"]) == 1 and (r.get("nextPageToken") is not None) == (len(names) > 1)
+    google_error(requests.get(f"{stack.http_url}/v1beta/models", params={"pageToken": "junk"}, timeout=10), 400, "INVALID_ARGUMENT")
+    google_error(requests.get(f"{stack.http_url}/v1beta/models", params={"pageSize": -1}, timeout=10), 400, "INVALID_ARGUMENT")
+    google_error(requests.get(f"{stack.http_url}/v1beta/models", params={"pageToken": "99999999999999999999"}, timeout=10), 400, "INVALID_ARGUMENT")
+
+
+def test_envoys_own_replies_name_their_status(stack):
+    # An unknown path under /v1beta/ is Google's 404 NOT_FOUND (it was "status": "INVALID_ARGUMENT" whatever the code).
+    google_error(requests.get(f"{stack.http_url}/v1beta/tunedModels", timeout=10), 404, "NOT_FOUND")
+    google_error(requests.post(f"{stack.http_url}/v1beta/models/{MODEL}:generateContent", json={}, timeout=10), 404, "NOT_FOUND")

@@ -51,6 +51,9 @@ class Dialect:
     rest_prefixes: tuple[str, ...] = ()
     # The body of Envoy's own replies on those routes (Envoy's `json_format`: %LOCAL_REPLY_BODY% is the message).
     envoy_error_body: dict[str, Any] | None = None
+    # Where that body names the status (Google's `"status": "NOT_FOUND"`): the name for each HTTP status, put where the
+    # body says `%STATUS_NAME%` (a status not listed gets the name for 400).
+    envoy_status_names: dict[int, str] | None = None
     # Full gRPC method names (`/pkg.Service/Method`) any caller may use without a key (TEI's /health, open in TEI).
     public_methods: tuple[str, ...] = ()
     # Default on or off (an operator changes it with `dialects.enabled` / `dialects.disabled`).

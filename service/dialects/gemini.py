@@ -12,6 +12,9 @@
 - `outputDimensionality`: the first N components, normalized again; above the model's dimension is a 400.
 - In a batch every request names its model (`models/...`), which must be the URL's; requests may differ in
   task and dimensionality.
+- `GET models/{model}` and `GET models` (`models.get`, `models.list`): Google's Model resource for every served name,
+  `supportedGenerationMethods` the two embedding methods. Under /v1/ they share OpenAI's paths: Envoy sends a Google
+  client's GET there (it carries `x-goog-api-key`, `?key=` or `x-goog-api-client`) to the /v1beta/ binding.
 
 Auth: the `x-goog-api-key` header or `?key=` (Envoy's Lua filter copies the query parameter into the header),
 or `Authorization: Bearer`. Errors are Google's `{"error": {"code", "message", "status"}}`: a missing key is
@@ -33,7 +36,7 @@ from .. import auth, errors, rpc
 from ..engine.pipeline import EmbedRequest, EmbedResult, Embedder
 from . import Dialect
 from ._shared import cut, served_model, task_prompt
-from .common import add_servicer, json_body
+from .common import add_servicer, as_message, json_body
 
 TASK_TYPES: dict[str, tuple[str, ...]] = {
     "TASK_TYPE_UNSPECIFIED": (),
@@ -152,9 +155,64 @@ def merge(results: list[EmbedResult], cores: list[EmbedRequest], n: int) -> Embe
                        chunked=sum(r.chunked for r in results))
 
 
+# Google's models.list: 50 per page unless asked, at most 1000.
+PAGE_SIZE, MAX_PAGE_SIZE = 50, 1000
+METHODS = ["embedContent", "batchEmbedContents"]
+
+
+def model_resource(name: str, embedder: Embedder) -> dict[str, Any]:
+    """Google's Model resource for a served name (facts of a model not loaded yet are left out, never loaded here)."""
+    config = embedder.registry.config(name)
+    state, model = embedder.registry.peek(name)
+    out: dict[str, Any] = {"name": MODELS + name, "baseModelId": config.id, "version": getattr(model, "commit", "") or "1",
+                           "displayName": name, "description": f"{config.id}: text embeddings"}
+    if state == "loaded" and model is not None:
+        out["description"] = f"{config.id}: text embeddings of {model.dimension} dimensions"
+        out["inputTokenLimit"] = model.tokenizer.max_seq_length
+    elif config.max_seq_length:
+        out["inputTokenLimit"] = config.max_seq_length
+    out.update(outputTokenLimit=1, supportedGenerationMethods=METHODS)
+    return out
+
+
+def page(names: list[str], request: pb.GeminiListModelsRequest) -> tuple[list[str], str]:
+    """One page of `names` and the next page's token ('' after the last)."""
+    if request.page_size < 0:
+        raise errors.invalid_argument(f"page_size must not be negative; got {request.page_size}.", "page_size")
+    size = min(request.page_size or PAGE_SIZE, MAX_PAGE_SIZE)
+    start = 0
+    if request.page_token:
+        if not request.page_token.isdigit() or int(request.page_token) > len(names):
+            raise errors.invalid_argument("Invalid page token.", "page_token")
+        start = int(request.page_token)
+    end = start + size
+    return names[start:end], str(end) if end < len(names) else ""
+
+
 class GeminiServicer:
     def __init__(self, embedder: Embedder) -> None:
         self.embedder = embedder
+
+    async def GetModel(self, raw: bytes, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:  # noqa: N802
+        async def work() -> httpbody_pb2.HttpBody:
+            request = await rpc.parse(raw, pb.GeminiGetModelRequest, as_message, rpc.Call())
+            names = self.embedder.registry.names()
+            if request.model not in names:
+                raise errors.model_not_found(request.model, names)
+            return json_body(model_resource(request.model, self.embedder))
+
+        return await rpc.handle(context, DIALECT, work)
+
+    async def ListModels(self, raw: bytes, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:  # noqa: N802
+        async def work() -> httpbody_pb2.HttpBody:
+            request = await rpc.parse(raw, pb.GeminiListModelsRequest, as_message, rpc.Call())
+            names, token = page(self.embedder.registry.names(), request)
+            body: dict[str, Any] = {"models": [model_resource(n, self.embedder) for n in names]}
+            if token:
+                body["nextPageToken"] = token
+            return json_body(body)
+
+        return await rpc.handle(context, DIALECT, work)
 
     async def EmbedContent(self, raw: bytes, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:  # noqa: N802
         return await self._embed(raw, context, pb.GeminiEmbedContentRequest, to_core, single=True)
@@ -192,9 +250,10 @@ DIALECT = Dialect(
     http_status=http_status,
     # `/v1/models/` as a prefix would also claim OpenAI's `GET /v1/models/{model}`: only the `:verb` paths (a `^` regex).
     # Body-parse errors are Google's in any case, matched by the service name once the transcoder has rewritten the path.
-    rest_prefixes=("/v1beta/models/", r"^/v1/models/[^?]*:(embedContent|batchEmbedContents)(\?.*)?$"),
-    envoy_error_body={"error": {"code": "%RESPONSE_CODE%", "message": "%LOCAL_REPLY_BODY%", "status": "INVALID_ARGUMENT"}},
-    doc={"api": "Google Gemini API embeddings", "routes": "`POST /v1beta/models/{model}:embedContent`, `…:batchEmbedContents` (and under `/v1/`)",
+    rest_prefixes=("/v1beta/", r"^/v1/models/[^?]*:(embedContent|batchEmbedContents)(\?.*)?$"),
+    envoy_error_body={"error": {"code": "%RESPONSE_CODE%", "message": "%LOCAL_REPLY_BODY%", "status": "%STATUS_NAME%"}},
+    envoy_status_names=STATUS,
+    doc={"api": "Google Gemini API embeddings", "routes": "`POST /v1beta/models/{model}:embedContent`, `…:batchEmbedContents`, `GET /v1beta/models[/{model}]` (and under `/v1/`)",
          "client": "`google-genai`", "auth": "`x-goog-api-key` or `?key=` (or `Authorization: Bearer`)",
          "error": '`{"error": {"code": 400, "message": "...", "status": "INVALID_ARGUMENT"}}`'},
 )
