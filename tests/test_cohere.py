@@ -100,6 +100,32 @@ def test_v2_float_by_default_dimension_and_truncation(v2, reference):
     assert left_out.meta.billed_units.input_tokens == 256
 
 
+def test_max_tokens_is_honoured(v2, reference):
+    # Cohere's embed reference (v2): "max_tokens: The maximum number of tokens to embed per input. If the input text is
+    # longer than this, it will be truncated according to the truncate parameter." (It was accepted and ignored.)
+    tail = LONG + " tail words here"
+    limit = reference.max_seq_length
+    try:
+        reference.max_seq_length = 16
+        expected = reference.encode([tail])
+    finally:
+        reference.max_seq_length = limit
+    resp = v2.embed(model=MODEL, texts=[tail], input_type="search_query", max_tokens=16, request_options=NO_RETRY)
+    close(resp.embeddings.float_, expected)
+    assert resp.meta.billed_units.input_tokens == 16
+    start = v2.embed(model=MODEL, texts=[tail], input_type="search_query", max_tokens=16, truncate="START", request_options=NO_RETRY)
+    assert not np.allclose(start.embeddings.float_, expected)
+    import cohere
+
+    with pytest.raises(cohere.BadRequestError) as e:
+        v2.embed(model=MODEL, texts=["embedding " * 10], input_type="search_query", max_tokens=16, truncate="NONE", request_options=NO_RETRY)
+    assert "32 tokens long; this request reads at most 16 tokens" in e.value.body["message"]
+    # a text within max_tokens, or max_tokens at or over the model's 256, is read as it is
+    close(v2.embed(model=MODEL, texts=[TEXTS[0]], input_type="search_query", max_tokens=16, truncate="NONE", request_options=NO_RETRY).embeddings.float_,
+          reference.encode([TEXTS[0]]))
+    close(v2.embed(model=MODEL, texts=[tail], input_type="search_query", max_tokens=4096, request_options=NO_RETRY).embeddings.float_, reference.encode([tail]))
+
+
 def test_v2_inputs_with_text_content(v2, reference):
     inputs = [{"content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "Inworld!"}]}]
     resp = v2.embed(model=MODEL, inputs=inputs, input_type="search_document", request_options=NO_RETRY)

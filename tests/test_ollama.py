@@ -25,7 +25,7 @@ from .helpers import close, post, unit
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 TEXTS = ["Hello Inworld!", "The food was delicious and the waiter...", "Hola, ¿cómo estás hoy?"]
-LONG = " ".join(["embedding"] * 300)  # 302 tokens: over all-MiniLM-L6-v2's 256
+LONG = " ".join(["embedding"] * 300)  # 902 tokens: over all-MiniLM-L6-v2's 256
 
 
 
@@ -141,6 +141,68 @@ def test_client_errors(client):
     assert (e.value.status_code, e.value.error) == (404, 'model "nope" not found, try pulling it first')
 
 
+# -- Ollama's own rules (server/routes.go at ollama/ollama fb30760; ollama-python 0.6.x _client.py, _types.py) --------
+
+
+def test_a_model_is_required(stack):
+    # EmbedHandler: a missing or empty model is `model '' not found` (404); EmbeddingsHandler: `model is required` (400).
+    assert ollama_error(post(stack, "/api/embed", {"input": "a"}), 404) == "model '' not found"
+    assert ollama_error(post(stack, "/api/embed", {"model": " ", "input": "a"}), 404) == "model ' ' not found"
+    assert ollama_error(post(stack, "/api/embeddings", {"prompt": "a"}), 400) == "model is required"
+    assert ollama_error(post(stack, "/api/embeddings", {"model": "", "prompt": "a"}), 400) == "model is required"
+
+
+def test_num_ctx_reads_that_many_tokens(client, reference):
+    # EmbedHandler: ctxLen = min(opts.NumCtx, the model's); an input past it is cut (truncate true), else a 400.
+    resp = client.embed(model=MODEL, input=[LONG, "short text"], options={"num_ctx": 16})
+    limit = reference.max_seq_length
+    try:
+        reference.max_seq_length = 16  # sentence-transformers' own cut: 14 tokens of text, [CLS] and [SEP]
+        close(resp.embeddings, reference.encode([LONG, "short text"]))
+    finally:
+        reference.max_seq_length = limit
+    assert resp.prompt_eval_count == 16 + len(reference.tokenizer("short text")["input_ids"])
+    import ollama as ollama_client
+
+    with pytest.raises(ollama_client.ResponseError) as e:
+        client.embed(model=MODEL, input=LONG, truncate=False, options={"num_ctx": 16})
+    assert (e.value.status_code, e.value.error) == (400, "the input length exceeds the context length")
+    close(client.embed(model=MODEL, input="short text", truncate=False, options={"num_ctx": 16}).embeddings[0], reference.encode("short text"))
+    # at or above the model's 256, and 0, change nothing; a non-integer is a 400
+    for n in (256, 4096, 0):
+        close(client.embed(model=MODEL, input=LONG, options={"num_ctx": n}).embeddings[0], reference.encode(LONG))
+    assert "num_ctx" in ollama_error(post(stack_of(client), "/api/embed", {"model": MODEL, "input": "a", "options": {"num_ctx": "16"}}), 400)
+
+
+def stack_of(client):
+    class _S:
+        http_url = str(client._client.base_url).rstrip("/")
+    return _S
+
+
+def test_show(client, stack):
+    shown = client.show(MODEL)
+    assert shown.capabilities == ["embedding"] and shown.modified_at is not None
+    assert (shown.details.family, shown.details.format, shown.details.parameter_size) == ("bert", "safetensors", "22.7M")
+    info = shown.modelinfo
+    assert (info["general.architecture"], info["bert.context_length"], info["bert.embedding_length"]) == ("bert", 256, 384)
+    assert 22_000_000 < info["general.parameter_count"] < 23_000_000
+    assert client.show(MODEL + ":latest").modelinfo == info
+    assert post(stack, "/api/show", {"name": MODEL}).json()["model_info"] == info  # the older field
+    import ollama as ollama_client
+
+    with pytest.raises(ollama_client.ResponseError) as e:
+        client.show("nope")
+    assert (e.value.status_code, e.value.error) == (404, "model 'nope' not found")
+    assert ollama_error(post(stack, "/api/show", {}), 400) == "model is required"
+
+
+def test_ps(client):
+    running = client.ps().models
+    assert [m.model for m in running] == [MODEL]
+    assert running[0].context_length == 256 and running[0].expires_at.year > 2100 and running[0].size > 0
+
+
 # -- raw error bodies ----------------------------------------------------------------------------
 
 
@@ -200,7 +262,7 @@ def test_legacy_body_is_told_by_its_fields():
         return openai.to_core(body, rpc.Call(settings={"ollama_legacy": True})).echo.get("api")
 
     assert api(model="m", prompt="hi") == ollama.LEGACY
-    assert api(prompt="") == ollama.LEGACY  # present, empty (Ollama answers [])
+    assert api(model="m", prompt="") == ollama.LEGACY  # present, empty (Ollama answers [])
     assert api(model="m", input="x", prompt="p") is None  # `input` wins: AIGNE Hub's
     assert api(model="m", input="x" * 1_000_000) is None
 

@@ -10,8 +10,9 @@
   the prompt of that name; none of them: the model's default.
 - `truncate`: END cuts an over-long input at its end, START at its start, NONE refuses it (400); left out, END, as
   Cohere documents (`dialects.long_inputs.cohere`: truncate; `chunk` there reads a left-out one whole, in windows).
-- `output_dimension`: the first N components, normalized again. `max_tokens` is accepted; inputs are cut at
-  the model's own limit (see the README).
+- `output_dimension`: the first N components, normalized again. `max_tokens`: at most that many tokens of each
+  input are read (special tokens included), the rest cut as `truncate` says (NONE: refused); at or above the model's
+  own limit, that limit.
 - v1 without `embedding_types` answers `embeddings_floats` (a bare list of float vectors), else by type.
 
 Errors are Cohere's `{"id", "message"}` with its statuses; `id` is the request's id (x-request-id), as in
@@ -138,6 +139,7 @@ def to_core(request: pb.CohereEmbedRequest, call: rpc.Call) -> EmbedRequest:
         dimensions=dimensions,
         long_inputs=("truncate" if direction is not None else "refuse") if truncate else call.long_inputs,
         truncation_direction=direction or "right",
+        max_tokens=request.max_tokens if request.HasField("max_tokens") else None,
         deadline=call.deadline,
         param="texts",
         echo={"types": types or ["float"], "by_type": bool(types), "prompts": INPUT_TYPES.get(input_type, ())},
@@ -197,6 +199,7 @@ DIALECT = Dialect(
     # `/v1/embed` as a prefix would also claim OpenAI's `/v1/embeddings`: matched exactly (a `^` regex). Its body-parse
     # errors are Cohere's in any case, matched by the service name once the transcoder has rewritten the path.
     rest_prefixes=("/v2/embed", r"^/v1/embed(\?.*)?$"),
+    fallback_prefixes=("/v2/",),
     envoy_error_body={"id": "%REQ(X-REQUEST-ID)%", "message": "%LOCAL_REPLY_BODY%"},
     doc={"api": "Cohere Embed v2 and v1", "routes": "`POST /v2/embed`, `POST /v1/embed`",
          "client": "`cohere` (`ClientV2`, `Client`)", "auth": "`Authorization: Bearer`", "error": '`{"id": "...", "message": "..."}`'},

@@ -4,8 +4,13 @@ As Ollama's server does (server/routes.go `EmbedHandler`): `/api/embed` L2-norma
 `dimensions` (0 < N < the model's dimension; anything else is ignored) keeps the first N components and
 normalizes again; `truncate` (default true) cuts an over-long input at its end, false makes it a 400
 `the input length exceeds the context length`; an empty `input` ("" or []) loads the model and answers
-`{"model", "embeddings": []}`; an unknown model is a 404 `model "x" not found, try pulling it first`.
-Errors are `{"error": "..."}`. Durations are integer nanoseconds.
+`{"model", "embeddings": []}`; an unknown model is a 404 `model "x" not found, try pulling it first`, and a missing
+or empty one a 404 `model '' not found` (Ollama names no default model). `options.num_ctx` reads at most that many
+tokens of each input (special tokens included), cut at the end or, with `truncate` false, refused. Errors are
+`{"error": "..."}`. Durations are integer nanoseconds.
+
+`POST /api/show` answers a model's `details`, `model_info` (general.architecture, {arch}.context_length,
+{arch}.embedding_length, ...) and `capabilities` ["embedding"]; `GET /api/ps` lists the models loaded now.
 
 `POST /api/embeddings` (`{model, prompt}` → `{embedding}`, not normalized, as Ollama) is also AIGNE Hub's path
 (`{model, input}`, OpenAI's shape), and Envoy routes one path to one method: it is bound once, to
@@ -39,12 +44,14 @@ from .. import auth, errors, rpc
 from ..engine.pipeline import EmbedRequest, Embedder
 from . import Dialect
 from ._shared import cut, served_model
-from .common import add_servicer, count_inputs, json_body
+from .common import add_servicer, as_message, count_inputs, json_body, value
 
 # The Ollama release whose API this dialect follows (`/api/embed` with `dimensions` and `truncate`); clients that
 # check the server's version before using a feature see one that has it.
 OLLAMA_VERSION = "0.12.0"
 LATEST = ":latest"
+# /api/ps's expires_at of a model that never unloads (Ollama's keep_alive -1 reaches the same far future).
+NEVER = "2318-08-04T00:00:00Z"
 
 
 def error_body(err: errors.ServiceError) -> dict[str, Any]:
@@ -76,7 +83,24 @@ def parse_input(v: struct_pb2.Value | None, max_inputs: int) -> list[str]:
     raise errors.invalid_argument("invalid input type", "input")
 
 
+def model_required(name: str) -> errors.ServiceError:
+    """/api/embed and /api/show with no model: Ollama serves no default model (server/routes.go)."""
+    return errors.ServiceError(grpc.StatusCode.NOT_FOUND, f"model '{name}' not found", reason="MODEL_REQUIRED", param="model")
+
+
+def num_ctx(options: dict[str, Any] | None) -> int | None:
+    """`options.num_ctx`: the tokens Ollama reads of an input (its context), or None."""
+    n = (options or {}).get("num_ctx")
+    if n is None:
+        return None
+    if isinstance(n, bool) or not isinstance(n, (int, float)) or n != int(n):
+        raise errors.invalid_argument(f"option \"num_ctx\" must be of type integer; got {json.dumps(n)[:40]}", "options")
+    return int(n) if n > 0 else None
+
+
 def to_core(request: pb.OllamaEmbedRequest, call: rpc.Call) -> EmbedRequest:
+    if not request.model.strip():
+        raise model_required(request.model)
     dimensions = request.dimensions if request.HasField("dimensions") and request.dimensions > 0 else None
     return EmbedRequest(
         inputs=parse_input(request.input if request.HasField("input") else None, call.max_inputs),
@@ -85,6 +109,7 @@ def to_core(request: pb.OllamaEmbedRequest, call: rpc.Call) -> EmbedRequest:
         # Ollama cuts an over-long input at its end unless told not to.
         long_inputs=("truncate" if request.truncate else "refuse") if request.HasField("truncate") else call.long_inputs,
         truncation_direction="right",
+        max_tokens=num_ctx(value(request.options, "options") if request.HasField("options") else None),
         deadline=call.deadline,
         param="input",
         echo={"model": request.model, "dimensions": dimensions},
@@ -118,6 +143,8 @@ def legacy_to_core(data: dict[str, Any], call: rpc.Call) -> EmbedRequest:
     prompt, model = data.get("prompt", ""), data.get("model")
     if not isinstance(prompt, str) or not isinstance(model, (str, type(None))):
         raise _legacy_error(errors.invalid_argument("prompt and model must be strings", "prompt"))
+    if not (model or "").strip():
+        raise _legacy_error(errors.invalid_argument("model is required", "model", "MODEL_REQUIRED"))
     return EmbedRequest(
         inputs=[prompt] if prompt else [],
         model=model or "",
@@ -174,6 +201,33 @@ def _folder_facts(path: str) -> tuple[int, str]:
     return size, family
 
 
+def _parameter_count(path: str) -> int:
+    """The parameters in a folder's model.safetensors, from its header (no tensor is read); 0 when there is none."""
+    try:
+        with open(Path(path) / "model.safetensors", "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size <= 1 << 24:
+                return 0
+            header = json.loads(f.read(size))
+    except (OSError, ValueError):
+        return 0
+    total = 0
+    for name, t in header.items():
+        if name != "__metadata__" and isinstance(t, dict):
+            n = 1
+            for d in t.get("shape", []):
+                n *= int(d)
+            total += n
+    return total
+
+
+def _parameter_size(n: int) -> str:
+    """Ollama's `parameter_size`: 22.7M, 109.5M, 7.2B."""
+    if not n:
+        return ""
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
 class OllamaServicer:
     def __init__(self, embedder: Embedder) -> None:
         self.embedder = embedder
@@ -206,22 +260,79 @@ class OllamaServicer:
 
         return await rpc.handle(context, DIALECT, work)
 
-    def _tag(self, name: str) -> dict[str, Any]:
+    def _facts(self, name: str) -> tuple[int, str, int]:
+        """A model's size in bytes, family and parameters; a loaded model's own folder, another's looked up in its cache
+        without checking it (no hashing here); nothing for a model the cache no longer holds, or a provider's."""
         config = self.embedder.registry.config(name)
-        state, served = self.embedder.registry.peek(name)
-        try:  # a loaded model's own folder; another's is looked up in its cache without checking it (no hashing here)
-            size, family = (0, "") if config.provider else _folder_facts(getattr(served, "path", "") or config.resolved_path())
-        except Exception:  # a model the cache no longer holds: listed, without facts
-            size, family = 0, ""
+        if config.provider:
+            return 0, "", 0
+        _, served = self.embedder.registry.peek(name)
+        try:
+            path = getattr(served, "path", "") or config.resolved_path()
+            return (*_folder_facts(path), _parameter_count(path))
+        except Exception:
+            return 0, "", 0
+
+    def _details(self, family: str, parameters: int) -> dict[str, Any]:
+        return {"parent_model": "", "format": "safetensors", "family": family, "families": [family] if family else None,
+                "parameter_size": _parameter_size(parameters), "quantization_level": "F32" if parameters else ""}
+
+    def _tag(self, name: str) -> dict[str, Any]:
+        size, family, parameters = self._facts(name)
         return {
             "name": name,
             "model": name,
             "modified_at": self.started,
             "size": size,
-            "digest": hashlib.sha256(config.id.encode()).hexdigest(),
-            "details": {"parent_model": "", "format": "safetensors", "family": family, "families": [family] if family else None,
-                        "parameter_size": "", "quantization_level": ""},
+            "digest": hashlib.sha256(self.embedder.registry.config(name).id.encode()).hexdigest(),
+            "details": self._details(family, parameters),
         }
+
+    def _known(self, name: str) -> str:
+        """`name` as the registry knows it (`x:latest` → `x`), or Ollama's 404 for /api/show."""
+        if not name.strip():
+            raise errors.invalid_argument("model is required", "model", "MODEL_REQUIRED")
+        known = model_name(self.embedder, name)
+        if known not in self.embedder.registry.names():
+            raise errors.ServiceError(grpc.StatusCode.NOT_FOUND, f"model '{name}' not found", reason="NOT_FOUND", param="model")
+        return known
+
+    async def Show(self, raw: bytes, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:  # noqa: N802
+        async def work() -> httpbody_pb2.HttpBody:
+            request = await rpc.parse(raw, pb.OllamaShowRequest, as_message, rpc.Call())
+            name = self._known(request.model or request.name)
+            size, family, parameters = self._facts(name)
+            state, served = self.embedder.registry.peek(name)
+            arch = family or "bert"
+            info: dict[str, Any] = {"general.architecture": arch, "general.basename": self.embedder.registry.config(name).id}
+            if parameters:
+                info["general.parameter_count"] = parameters
+            details = self._details(family, parameters)
+            if state == "loaded" and served is not None:
+                info[f"{arch}.context_length"] = served.tokenizer.max_seq_length
+                info[f"{arch}.embedding_length"] = served.dimension
+                details.update(context_length=served.tokenizer.max_seq_length, embedding_length=served.dimension)
+            # model_info is always present (Ollama: integrations crash without it; the Python client requires it).
+            return json_body({"details": details, "model_info": info, "capabilities": ["embedding"], "modified_at": self.started})
+
+        return await rpc.handle(context, DIALECT, work)
+
+    async def ListRunning(self, raw: bytes, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:  # noqa: N802
+        async def work() -> httpbody_pb2.HttpBody:
+            models = []
+            for name in self.embedder.registry.names():
+                state, served = self.embedder.registry.peek(name)
+                if state != "loaded" or served is None:
+                    continue
+                size, family, parameters = self._facts(name)
+                models.append({"name": name, "model": name, "size": size,
+                               "digest": hashlib.sha256(self.embedder.registry.config(name).id.encode()).hexdigest(),
+                               "details": self._details(family, parameters),
+                               # Models stay loaded here: Ollama's keep_alive -1 (its farthest time).
+                               "expires_at": NEVER, "size_vram": 0, "context_length": served.tokenizer.max_seq_length})
+            return json_body({"models": models})
+
+        return await rpc.handle(context, DIALECT, work)
 
     async def Version(self, raw: bytes, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:  # noqa: N802
         return await rpc.handle(context, DIALECT, _constant(json_body({"version": OLLAMA_VERSION})))
@@ -247,9 +358,10 @@ DIALECT = Dialect(
     http_status=http_status,
     # `/api/embed` as a prefix would also claim AIGNE Hub's `/api/embeddings`: matched exactly (a `^` regex). Its body-parse
     # errors are Ollama's in any case, matched by the service name once the transcoder has rewritten the path.
-    rest_prefixes=("/api/tags", "/api/version", r"^/api/embed(\?.*)?$"),
+    rest_prefixes=("/api/tags", "/api/version", "/api/show", "/api/ps", r"^/api/embed(\?.*)?$"),
+    fallback_prefixes=("/api/",),
     envoy_error_body={"error": "%LOCAL_REPLY_BODY%"},
-    doc={"api": "Ollama", "routes": "`POST /api/embed`, `POST /api/embeddings` (`prompt`), `GET /api/tags`, `GET /api/version`",
+    doc={"api": "Ollama", "routes": "`POST /api/embed`, `POST /api/embeddings` (`prompt`), `POST /api/show`, `GET /api/tags`, `GET /api/ps`, `GET /api/version`",
          "client": "`ollama`", "auth": "none of its own; `Authorization: Bearer` with keys configured",
          "error": '`{"error": "..."}`'},
 )

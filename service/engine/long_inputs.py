@@ -15,6 +15,8 @@ Caps keep a request's cost bounded whatever the policy: `limits.max_input_tokens
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -107,9 +109,9 @@ def _too_many_windows(max_windows: int, limit: int, param: str) -> errors.Servic
     )
 
 
-def _longer_than_model(position: int, n: int, limit: int, param: str, at_least: bool = False) -> errors.ServiceError:
+def _longer_than_model(position: int, n: int, limit: int, param: str, at_least: bool = False, limit_of: str = "this model") -> errors.ServiceError:
     return errors.invalid_argument(
-        f"Input {position} is {'at least ' if at_least else ''}{n} tokens long; this model reads at most {limit} tokens. "
+        f"Input {position} is {'at least ' if at_least else ''}{n} tokens long; {limit_of} reads at most {limit} tokens. "
         "Shorten it, or ask for truncation (or chunking, where this API has it).", param, "context_length_exceeded",
     )
 
@@ -232,6 +234,30 @@ def tokenize(
                prompt_tokens, max_input_tokens, max_windows, overlap, b"text", at_least=i in partial)
     _check_windows(out, max_windows, limit, param)
     return out
+
+
+def cap(out: Tokenized, max_tokens: int, specials: tuple[int, int], policy: str, direction: str, param: str, model_limit: int) -> None:
+    """A caller's own limit below the model's (Ollama's num_ctx, Cohere's max_tokens), on inputs already placed whole:
+    an input past `max_tokens` tokens is cut to them from `direction`, its special tokens kept (`specials`: how many it
+    starts and ends with), or refused. One the model's limit (`model_limit`) cut already was counted then."""
+    lead, trail = specials
+    keep = max(max_tokens, lead + trail + 1) - lead - trail  # at least one token of text
+    for i, group in enumerate(out.groups):
+        tokens = out.items[group[0]]
+        if len(group) != 1 or len(tokens.ids) <= max(max_tokens, lead + trail + 1):
+            continue
+        if policy == "refuse":
+            raise _longer_than_model(i, len(tokens.ids), max_tokens, param, limit_of="this request")
+        body = slice(lead, len(tokens.ids) - trail)
+        text_ids, text_types = tokens.ids[body], tokens.type_ids[body]
+        part = slice(len(text_ids) - keep, None) if direction == "left" else slice(0, keep)
+        ids = np.concatenate([tokens.ids[:lead], text_ids[part], tokens.ids[len(tokens.ids) - trail:]])
+        types = np.concatenate([tokens.type_ids[:lead], text_types[part], tokens.type_ids[len(tokens.ids) - trail:]])
+        if len(tokens.ids) < model_limit:
+            out.truncated += 1
+        out.items[group[0]] = dataclasses.replace(tokens, ids=ids, type_ids=types)
+        out.keys[i] = ids.tobytes()
+        out.lengths[i] = len(ids)
 
 
 def _check_windows(out: Tokenized, max_windows: int, limit: int, param: str) -> None:
