@@ -264,8 +264,8 @@ LONG_INPUT_DEFAULTS = {
     "ollama": "truncate",  # Ollama's own `truncate` defaults to true
     "inworld": "truncate",
     "hrflow": "truncate",
-    "huggingface": "refuse",  # TEI's `truncate` defaults to false
-    "tei": "refuse",
+    "huggingface": "refuse",  # the Inference API's `truncate` defaults to false
+    "tei": "truncate",  # TEI's --auto-truncate: true since TEI 1.9 (`--auto-truncate false`: refuse)
 }
 
 
@@ -441,8 +441,11 @@ def apply_flags(cfg: Config, flags: dict[str, Any], models: list[str] | None = N
     Validated, as a file is."""
     for path, value in flags.items():
         if value is not None:
-            section, key = path.split(".")
-            setattr(getattr(cfg, section), key, value)
+            section, key, *item = path.split(".")
+            if item:  # a key of a mapping: `dialects.long_inputs.tei`
+                getattr(getattr(cfg, section), key)[item[0]] = value
+            else:
+                setattr(getattr(cfg, section), key, value)
     if models or model_ids:
         by_id = [model_from_id(m) for m in model_ids or []]
         if revision and by_id:

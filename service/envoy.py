@@ -149,6 +149,16 @@ def _with_status_name(body: Any, name: str) -> Any:
     return name if body == "%STATUS_NAME%" else body
 
 
+def _dialect_mappers(dialect: dialects.Dialect, prefixes: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Envoy's replies to REST calls on `prefixes` in `dialect`'s body (one per status where the body names it)."""
+    names = dialect.envoy_status_names or {}
+    out = [{"filter": {"and_filter": {"filters": [_not_grpc(), _paths(prefixes), _status_is(http)]}},
+            "body_format_override": {"json_format": _with_status_name(dialect.envoy_error_body, name)}} for http, name in names.items()]
+    out.append({"filter": {"and_filter": {"filters": [_not_grpc(), _paths(prefixes)]}},
+                "body_format_override": {"json_format": _with_status_name(dialect.envoy_error_body, names.get(400, ""))}})
+    return out
+
+
 def local_reply_config(served: tuple[dialects.Dialect, ...]) -> dict[str, Any]:
     """Envoy's own replies (malformed JSON, wrong types, body too large) in each dialect's error shape.
 
@@ -158,23 +168,12 @@ def local_reply_config(served: tuple[dialects.Dialect, ...]) -> dict[str, Any]:
     """
     mappers = []
     for dialect in served:
-        if dialect.envoy_error_body is None:
-            continue
-        prefixes = (*dialect.rest_prefixes, *(f"/{s}/" for s in dialect.services))
-        names = dialect.envoy_status_names or {}
-        for http, name in names.items():
-            mappers.append(
-                {
-                    "filter": {"and_filter": {"filters": [_not_grpc(), _paths(prefixes), _status_is(http)]}},
-                    "body_format_override": {"json_format": _with_status_name(dialect.envoy_error_body, name)},
-                }
-            )
-        mappers.append(
-            {
-                "filter": {"and_filter": {"filters": [_not_grpc(), _paths(prefixes)]}},
-                "body_format_override": {"json_format": _with_status_name(dialect.envoy_error_body, names.get(400, ""))},
-            }
-        )
+        if dialect.envoy_error_body is not None:
+            mappers += _dialect_mappers(dialect, (*dialect.rest_prefixes, *(f"/{s}/" for s in dialect.services)))
+    # Then an unknown path in the shape of the API whose prefix it shares (`/api/v1/x` before `/api/x`).
+    fallbacks = sorted(((p, d) for d in served if d.envoy_error_body is not None for p in d.fallback_prefixes), key=lambda pd: -len(pd[0]))
+    for prefix, dialect in fallbacks:
+        mappers += _dialect_mappers(dialect, (prefix,))
     for http, code in GRPC_CODE_FOR_HTTP.items():
         mappers.append(
             {

@@ -55,13 +55,24 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                                                         "EMBED__LIMITS__MAX_BATCH_TOKENS; default 2048)")
     p.add_argument("--max-client-batch-size", type=int, help="inputs in one request (limits.max_client_batch_size, "
                                                              "EMBED__LIMITS__MAX_CLIENT_BATCH_SIZE; default 2048)")
-    p.add_argument("--auto-truncate", action="store_const", const=True, help="truncate over-long inputs where an API would "
-                                                                            "refuse them (limits.auto_truncate, EMBED__LIMITS__AUTO_TRUNCATE)")
+    p.add_argument("--auto-truncate", nargs="?", const=True, type=_bool, metavar="BOOL",
+                   help="TEI's flag: true (or no value) truncates over-long inputs where an API would refuse or chunk them "
+                        "(limits.auto_truncate, EMBED__LIMITS__AUTO_TRUNCATE); false makes TEI's routes refuse them "
+                        "(dialects.long_inputs.tei: refuse). Left out, each API's own default (TEI's: truncate)")
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes", "on"):
+        return True
+    if text.lower() in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def model_flags(args: argparse.Namespace) -> dict:
     return {"limits.max_batch_tokens": args.max_batch_tokens, "limits.max_client_batch_size": args.max_client_batch_size,
-            "limits.auto_truncate": args.auto_truncate}
+            "limits.auto_truncate": True if args.auto_truncate else None,
+            "dialects.long_inputs.tei": "refuse" if args.auto_truncate is False else None}
 
 
 def build_config(args: argparse.Namespace) -> config_mod.Config:

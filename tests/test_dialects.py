@@ -53,7 +53,8 @@ def json_error(r, status):
 # -- OpenAI / AIGNE Hub --------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=["/v1", "/api"], ids=["openai", "aigne"])
+# AIGNE Hub: its documented path (/api/embeddings, seed 001) and its server's own routes (/api/v1/, /api/v2/).
+@pytest.fixture(scope="module", params=["/v1", "/api", "/api/v1", "/api/v2"], ids=["openai", "aigne", "aigne-v1", "aigne-v2"])
 def openai_client(stack, request):
     from openai import OpenAI
 
@@ -206,19 +207,55 @@ def test_hf_client_options(hf_client, reference):
 
 
 def test_hf_errors(stack, hf_client):
-    from huggingface_hub.errors import BadRequestError
+    from huggingface_hub.errors import HfHubHTTPError
 
-    with pytest.raises(BadRequestError):
+    with pytest.raises(HfHubHTTPError) as e:
         hf_client.feature_extraction(LONG)  # truncate defaults to false, as in TEI
+    assert e.value.response.status_code == 422
     url = f"/models/{MODEL}"
-    assert "256 tokens" in json_error(post(stack, url, {"inputs": LONG}), 400)["error"]
-    assert "prompt_name" in json_error(post(stack, url, {"inputs": "a", "prompt_name": "nope"}), 400)["error"]
-    assert "inputs" in json_error(post(stack, url, {"inputs": 5}), 400)["error"]
-    assert "inputs" in json_error(post(stack, url, {"inputs": []}), 400)["error"]
-    assert "Left or Right" in json_error(post(stack, url, {"inputs": "a", "truncation_direction": "up"}), 400)["error"]
+    # TEI's status for a Validation error (router/src/http/server.rs, v1.9.3: 422); it was 400 here, 413 on TEI's route
+    assert "256 tokens" in json_error(post(stack, url, {"inputs": LONG}), 422)["error"]
+    assert "prompt_name" in json_error(post(stack, url, {"inputs": "a", "prompt_name": "nope"}), 422)["error"]
+    assert "inputs" in json_error(post(stack, url, {"inputs": 5}), 422)["error"]
+    assert "inputs" in json_error(post(stack, url, {"inputs": []}), 400)["error"]  # TEI's Empty
+    assert "Left or Right" in json_error(post(stack, url, {"inputs": "a", "truncation_direction": "up"}), 422)["error"]
     assert "does not exist" in json_error(post(stack, "/models/nope/nothing", {"inputs": "a"}), 404)["error"]
     body = json_error(requests.post(stack.http_url + url, data="{oops", headers={"content-type": "application/json"}), 400)
     assert set(body) == {"error", "error_type"}
+
+
+@pytest.mark.parametrize("path", [f"/hf-inference/models/{MODEL}/pipeline/feature-extraction", f"/models/{MODEL}/pipeline/feature-extraction",
+                                  f"/hf-inference/models/{MODEL}"])
+def test_hf_inference_provider_paths(stack, reference, path):
+    # huggingface_hub 2.4.0, inference/_providers/hf_inference.py HFInferenceTask._prepare_url:
+    # f"{base_url}/models/{mapped_model}/pipeline/{task}" with base_url "https://router.huggingface.co/hf-inference".
+    r = post(stack, path, {"inputs": TEXTS})
+    assert r.status_code == 200, r.text
+    close(r.json(), reference.encode(TEXTS))
+    err = json_error(post(stack, path.replace(MODEL, "nope"), {"inputs": "a"}), 404)
+    assert set(err) == {"error", "error_type"} and "`nope`" in err["error"]
+
+
+def test_unknown_paths_answer_in_the_shape_of_their_api(stack):
+    """Issue 30.C: an unknown path under an API's prefix is that API's 404 (it was google.rpc's everywhere)."""
+    def get(path):
+        r = requests.get(stack.http_url + path, timeout=10)
+        assert r.status_code == 404 and r.headers["content-type"] == "application/json", (path, r.status_code, r.text)
+        return r.json()
+
+    for path in ("/v1/nothing", "/api/v1/nothing", "/api/v2/chat/completions"):
+        assert set(get(path)["error"]) == {"message", "type", "param", "code"}, path  # OpenAI's (AIGNE Hub's)
+    assert set(get("/v2/rerank")) == {"id", "message"}  # Cohere's
+    assert set(get("/api/generate")) == {"error"} and isinstance(get("/api/generate")["error"], str)  # Ollama's
+    assert get("/v1beta/models/x:countTokens")["error"]["status"] == "NOT_FOUND"  # Google's
+    assert set(get("/hf-inference/nothing")) == {"error", "error_type"}  # Hugging Face's
+    assert set(get("/nothing/at/all")) == {"code", "message", "details"}  # no API's: google.rpc.Status
+
+
+def test_aigne_v1_paths_are_never_ollamas(stack):
+    # Ollama's older API shares only /api/embeddings: a `prompt` on AIGNE Hub's own routes is AIGNE's request.
+    for path in ("/api/v1/embeddings", "/api/v2/embeddings"):
+        assert post(stack, path, {"model": MODEL, "prompt": "hi"}).json()["error"]["param"] == "input"
 
 
 def test_hf_accepts_lowercase_direction_and_nested_parameters(stack, reference):

@@ -327,8 +327,8 @@ def test_mpnet_tokenizes_with_its_own_tokenizer_and_reads_384_tokens(both, mpnet
     assert r.json()["usage"]["prompt_tokens"] == len(library.encode(text).ids)
     long_text = " ".join(["Embeddings map text to vectors so that similar meanings lie close together."] * 40)
     assert len(library.encode(long_text).ids) > 384
-    # TEI (refuse, its default), Ollama (truncate, its default), OpenAI (chunk, this service's default for it).
-    r = post(both, "/embed", {"inputs": long_text})
+    # TEI (refuse when asked), Ollama (truncate, its default), OpenAI (chunk, this service's default for it).
+    r = post(both, "/embed", {"inputs": long_text, "truncate": False})
     assert r.status_code == 422 and "384" in r.json()["error"], r.text
     r = post(both, "/api/embed", {"model": "mpnet", "input": long_text})
     got = np.array(r.json()["embeddings"][0])

@@ -98,7 +98,7 @@ def test_hub_errors_are_raised(hub):
     from huggingface_hub.errors import HfHubHTTPError
 
     with pytest.raises(HfHubHTTPError) as e:
-        hub.feature_extraction(LONG)  # truncate defaults to the server's auto_truncate (off)
+        hub.feature_extraction(LONG, truncate=False)
     assert e.value.response.status_code == 422  # TEI 1.9's status for a Validation error
     assert "256 tokens" in str(e.value)
 
@@ -114,7 +114,7 @@ def test_embed_route_and_root_are_the_same(stack, reference):
     r = post(stack, "/embed", {"inputs": TEXTS[0]})
     assert len(r.json()) == 1  # a single string is still a batch of one
     for h in ("x-compute-time", "x-total-time", "x-tokenization-time", "x-queue-time", "x-inference-time"):
-        assert float(r.headers[h]) >= 0
+        assert r.headers[h].isdigit(), (h, r.headers[h])  # whole milliseconds (lib.rs: `as_millis().to_string()`)
     assert r.headers["x-compute-tokens"] == "6" and r.headers["x-compute-characters"] == str(len(TEXTS[0]))
 
 
@@ -126,13 +126,23 @@ def test_embed_takes_token_ids_and_nulls(stack, reference):
     close(r.json(), reference.encode([TEXTS[0]]))
 
 
-def test_auto_truncate_is_the_truncate_default(tmp_path_factory, reference):
-    cfg = stack_config()
-    cfg.limits.auto_truncate = True
-    with Stack(cfg.validate(), log_dir=tmp_path_factory.mktemp("tei-auto-truncate")) as s:
-        close(post(s, "/embed", {"inputs": LONG}).json(), reference.encode([LONG]))
-        tei_error(post(s, "/embed", {"inputs": LONG, "truncate": False}), 422, "Validation")
-        assert requests.get(s.http_url + "/info", timeout=10).json()["auto_truncate"] is True
+def test_auto_truncate_is_the_truncate_default(stack, tmp_path_factory, reference):
+    # TEI 1.9 (router/src/main.rs): `--auto-truncate` defaults to true; `req.truncate.unwrap_or(info.auto_truncate)`.
+    close(post(stack, "/embed", {"inputs": LONG}).json(), reference.encode([LONG]))
+    tei_error(post(stack, "/embed", {"inputs": LONG, "truncate": False}), 422, "Validation")
+    assert requests.get(stack.http_url + "/info", timeout=10).json()["auto_truncate"] is True
+    # `--auto-truncate false`, as TEI's flag: TEI's routes refuse an over-long input the caller did not ask to cut
+    from service.run import build_config, parser
+
+    cfg = build_config(parser().parse_args(["--auto-truncate", "false"]))
+    assert cfg.dialects.long_inputs["tei"] == "refuse" and cfg.limits.auto_truncate is False
+    assert build_config(parser().parse_args(["--auto-truncate"])).limits.auto_truncate is True
+    off = stack_config()
+    off.dialects.long_inputs["tei"] = "refuse"
+    with Stack(off.validate(), log_dir=tmp_path_factory.mktemp("tei-auto-truncate")) as s:
+        tei_error(post(s, "/embed", {"inputs": LONG}), 422, "Validation")
+        close(post(s, "/embed", {"inputs": LONG, "truncate": True}).json(), reference.encode([LONG]))
+        assert requests.get(s.http_url + "/info", timeout=10).json()["auto_truncate"] is False
 
 
 def test_embed_all_gives_every_token(stack, reference):
@@ -152,10 +162,13 @@ def test_tokenize_as_tei(stack, reference):
     assert [t["id"] for t in tokens] == want["input_ids"]
     assert tokens[0] == {"id": 101, "text": "[CLS]", "special": True, "start": None, "stop": None}
     assert tokens[-1] == {"id": 102, "text": "[SEP]", "special": True, "start": None, "stop": None}
+    raw = "Hello café au lait".encode()
     for t, (start, stop) in zip(tokens[1:-1], want["offset_mapping"][1:-1]):
         assert list(t) == ["id", "text", "special", "start", "stop"]
-        assert (t["start"], t["stop"], t["special"]) == (start, stop, False)
         assert t["text"] == "Hello café au lait"[start:stop]  # the input's own characters (café, not cafe)
+        # byte offsets, as TEI (core/src/tokenization.rs: `input.bytes().skip(start).take(stop - start)`)
+        assert t["special"] is False and raw[t["start"]:t["stop"]].decode() == t["text"]
+    assert [(t["start"], t["stop"]) for t in tokens if t["text"] == "au"] == [(12, 14)]  # characters 11-13
     assert "x-compute-time" not in r.headers  # TEI sends no timing on /tokenize
     r = post(stack, "/tokenize", {"inputs": ["a b", "c"], "add_special_tokens": False})
     assert [[t["text"] for t in row] for row in r.json()] == [["a", "b"], ["c"]]
@@ -174,14 +187,49 @@ def test_info_and_health(stack):
     r = requests.get(stack.http_url + "/info", timeout=10)
     assert r.status_code == 200 and r.headers["content-type"] == "application/json"
     info = r.json()
-    assert list(info) == ["model_id", "model_sha", "model_dtype", "model_type", "max_concurrent_requests", "max_input_length",
-                          "max_batch_tokens", "max_batch_requests", "max_client_batch_size", "auto_truncate", "tokenization_workers",
-                          "version", "sha", "docker_label"]
-    assert info["model_id"] == MODEL and info["model_dtype"] == "float32"  # the test stack runs fp32
+    # TEI 1.9.3's Info (router/src/lib.rs), in its order; None is null
+    assert list(info) == ["model_id", "model_sha", "model_dtype", "served_model_name", "model_type", "max_concurrent_requests",
+                          "max_input_length", "max_batch_tokens", "max_batch_requests", "max_client_batch_size", "auto_truncate",
+                          "tokenization_workers", "version", "sha", "docker_label"]
+    assert info["model_id"] == info["served_model_name"] == MODEL and info["model_dtype"] == "float32"  # the test stack runs fp32
     assert info["model_type"] == {"embedding": {"pooling": "mean"}}
-    assert info["max_input_length"] == 256 and info["max_client_batch_size"] == 2048 and info["auto_truncate"] is False
-    r = requests.get(stack.http_url + "/health", timeout=10)
-    assert r.status_code == 200 and r.content == b""
+    assert info["max_input_length"] == 256 and info["max_client_batch_size"] == 2048 and info["auto_truncate"] is True
+    assert info["version"] == "1.9.3" and info["docker_label"].startswith("embedding-service ")
+    for path in ("/health", "/ping"):  # /ping: SageMaker's health check, TEI's `health` too
+        r = requests.get(stack.http_url + path, timeout=10)
+        assert r.status_code == 200 and r.content == b"", path
+
+
+def test_similarity(stack, reference):
+    # TEI's /similarity (router/src/http/server.rs `similarity`): 1 - cosine distance of each sentence to the source.
+    sentences = [TEXTS[1], TEXTS[2], TEXTS[0]]
+    r = post(stack, "/similarity", {"inputs": {"source_sentence": TEXTS[0], "sentences": sentences}})
+    assert r.status_code == 200, r.text
+    v = reference.encode([TEXTS[0], *sentences])
+    np.testing.assert_allclose(r.json(), v[1:] @ v[0], atol=1e-5)
+    assert abs(r.json()[2] - 1) < 1e-5 and r.headers["x-compute-tokens"].isdigit()
+    # huggingface_hub's sentence_similarity sends the same body
+    from huggingface_hub import InferenceClient
+
+    got = InferenceClient(model=stack.http_url + "/similarity").sentence_similarity(TEXTS[0], other_sentences=sentences)
+    np.testing.assert_allclose(got, v[1:] @ v[0], atol=1e-5)
+
+
+def test_vertex_and_invocations(stack, reference):
+    # /vertex: {"instances": [EmbedRequest]} → {"predictions": [EmbedResponse]}; /invocations: /embed (SageMaker).
+    r = post(stack, "/vertex", {"instances": [{"inputs": TEXTS[:2]}, {"inputs": TEXTS[2], "dimensions": 8}]})
+    assert r.status_code == 200, r.text
+    first, second = r.json()["predictions"]
+    close(first, reference.encode(TEXTS[:2]))
+    v = reference.encode(TEXTS[2])[:8]
+    close(second, [v / np.linalg.norm(v)])
+    close(post(stack, "/invocations", {"inputs": TEXTS}).json(), reference.encode(TEXTS))
+
+
+def test_openai_path_of_tei(stack, reference):
+    # TEI serves OpenAI's embeddings at /v1/embeddings and /embeddings.
+    body = post(stack, "/embeddings", {"input": TEXTS, "model": MODEL}).json()
+    close([d["embedding"] for d in body["data"]], reference.encode(TEXTS))
 
 
 # TEI 1.9.3's statuses (router/src/http/server.rs): Empty 400, Validation and a body of the wrong shape 422, Backend 424.
@@ -198,10 +246,24 @@ ERRORS = [
     ("/embed", {"inputs": "a", "truncation_direction": "up"}, 422, "Validation", "expected `Left` or `Right`"),
     ("/embed", {"inputs": "a", "dimensions": -1}, 422, "Validation", "dimensions"),
     ("/embed", {"inputs": "a", "dimensions": 1000}, 422, "Validation", "between 1 and 384"),
-    ("/embed", {"inputs": LONG}, 422, "Validation", "256 tokens"),
+    ("/embed", {"inputs": LONG, "truncate": False}, 422, "Validation", "256 tokens"),
     ("/", {"inputs": ["a"] * 2049}, 422, "Validation", "2048"),
     ("/embed", {"inputs": "a", "prompt_name": "nope"}, 422, "Validation", "prompt_name"),
-    ("/embed_all", {"inputs": LONG}, 422, "Validation", "256 tokens"),
+    ("/embed_all", {"inputs": LONG, "truncate": False}, 422, "Validation", "256 tokens"),
+    ("/similarity", {"inputs": {"source_sentence": "a", "sentences": []}}, 400, "Empty", "`sentences` cannot be empty"),
+    ("/similarity", {"inputs": {"sentences": ["a"]}}, 422, "Validation", "source_sentence"),
+    ("/similarity", {"inputs": "a"}, 422, "Validation", "inputs"),
+    ("/similarity", {"inputs": {"source_sentence": "a", "sentences": ["b"]}, "parameters": {"truncate": "yes"}}, 422, "Validation", "truncate"),
+    ("/rerank", {"query": "q", "texts": ["a"]}, 424, "Backend", "Backend error: model is not a re-ranker model"),
+    ("/rerank", {"query": "q", "texts": []}, 400, "Empty", "`texts` cannot be empty"),
+    ("/rerank", {"texts": ["a"]}, 422, "Validation", "query"),
+    ("/predict", {"inputs": "a"}, 424, "Backend", "Backend error: Model is not a classifier model"),
+    ("/predict", {"inputs": []}, 400, "Empty", "cannot be empty"),
+    ("/vertex", {"instances": [{"query": "q", "texts": ["a"]}]}, 424, "Backend", "re-ranker"),
+    ("/vertex", {"instances": []}, 400, "Empty", "cannot be empty"),
+    ("/vertex", {"instances": [{"inputs": 5}]}, 422, "Validation", "inputs"),
+    ("/vertex", {"instances": ["a"]}, 422, "Validation", "instances[0]"),
+    ("/vertex", {"instances": [{"inputs": ["a"] * 1025}, {"inputs": ["a"] * 1024}]}, 422, "Validation", "batch size"),
     ("/embed_all", {"inputs": []}, 400, "Empty", "cannot be empty"),
     ("/embed_sparse", {"inputs": "a"}, 424, "Backend", "SPLADE"),
     ("/tokenize", {"inputs": [101, 102]}, 422, "Validation", "expected a string"),

@@ -51,6 +51,9 @@ class Dialect:
     rest_prefixes: tuple[str, ...] = ()
     # The body of Envoy's own replies on those routes (Envoy's `json_format`: %LOCAL_REPLY_BODY% is the message).
     envoy_error_body: dict[str, Any] | None = None
+    # Path prefixes the API's unknown paths share (`/v2/` is Cohere's): Envoy's 404 there is in its body too. A longer
+    # prefix wins over a shorter one of another API (`/api/v1/` over `/api/`).
+    fallback_prefixes: tuple[str, ...] = ()
     # Where that body names the status (Google's `"status": "NOT_FOUND"`): the name for each HTTP status, put where the
     # body says `%STATUS_NAME%` (a status not listed gets the name for 400).
     envoy_status_names: dict[int, str] | None = None

@@ -1,8 +1,12 @@
 """Hugging Face Inference feature extraction: `POST /models/{model_id}`, a bare array of arrays back.
 
-Defaults follow Text Embeddings Inference, which serves this API: `normalize` true, `truncate` false (an
-over-long input is an error), truncation from the right. `x-use-cache: false` bypasses the cache;
-without `x-wait-for-model: true` a model that is still loading answers 503 with `estimated_time`.
+Also at the paths huggingface_hub builds for its `hf-inference` provider, `/hf-inference/models/{id}` and
+`.../models/{id}/pipeline/feature-extraction` (with or without the `/hf-inference` prefix).
+
+Defaults, statuses and error types follow Text Embeddings Inference, which serves this API: `normalize` true,
+`truncate` false (an over-long input is an error, 422 Validation as TEI 1.9 answers it), truncation from the right.
+`x-use-cache: false` bypasses the cache; without `x-wait-for-model: true` a model that is still loading answers 503
+with `estimated_time`.
 """
 
 from __future__ import annotations
@@ -18,18 +22,26 @@ from embedding.dialects.v1 import huggingface_pb2 as pb
 from .. import auth, errors, rpc
 from ..engine.pipeline import EmbedRequest, Embedder
 from . import Dialect
+from .tei import _shared as tei
 from .common import add_servicer, flag, json_body, strings, value
 
-# Text Embeddings Inference's `error_type`, which Hugging Face clients show beside `error`.
-ERROR_TYPE = {400: "Validation", 401: "Unauthorized", 404: "NotFound", 413: "Validation", 422: "Validation", 424: "Backend",
-              429: "Overloaded", 503: "Unhealthy"}
+# huggingface_hub's hf-inference provider puts the task after the model id.
+PIPELINE = "/pipeline/feature-extraction"
 
 
 def error_body(err: errors.ServiceError) -> dict[str, Any]:
-    body: dict[str, Any] = {"error": err.message, "error_type": ERROR_TYPE.get(err.http_status, "Backend")}
+    """TEI's body (`error_type` beside `error`), with `estimated_time` while a model loads."""
+    body: dict[str, Any] = {"error": err.message, "error_type": tei.classify(err)[1]}
     if err.estimated_time is not None:
         body["estimated_time"] = err.estimated_time
     return body
+
+
+def model_of(path_model: str) -> str:
+    """The model id of the path: `{id}/pipeline/feature-extraction` names `{id}`."""
+    if path_model.endswith(PIPELINE) and len(path_model) > len(PIPELINE):
+        return path_model[: -len(PIPELINE)]
+    return path_model
 
 OPTIONS = ("normalize", "prompt_name", "truncate", "truncation_direction")
 
@@ -71,7 +83,7 @@ def to_core(request: pb.FeatureExtractionRequest, call: rpc.Call) -> EmbedReques
     headers = call.headers
     return EmbedRequest(
         inputs=strings(request.inputs if request.HasField("inputs") else None, "inputs", call.max_inputs),
-        model=request.model,
+        model=model_of(request.model),
         normalize=_bool(opts, "normalize", True),
         # TEI's switch: true cuts, false refuses; left out, the route's policy (`dialects.long_inputs`, refuse).
         long_inputs=("truncate" if _bool(opts, "truncate", False) else "refuse") if opts.get("truncate") is not None else call.long_inputs,
@@ -109,8 +121,9 @@ DIALECT = Dialect(
     add_to_server=lambda server, embedder, config: add_servicer(server, pb.DESCRIPTOR.services_by_name["HuggingFace"], HuggingFaceServicer(embedder)),
     auth=(auth.BEARER,),
     error_body=error_body,
-    rest_prefixes=("/models/",),
+    http_status=tei.http_status,
+    rest_prefixes=("/models/", "/hf-inference/"),
     envoy_error_body={"error": "%LOCAL_REPLY_BODY%", "error_type": "Validation"},
-    doc={"api": "Hugging Face feature extraction (004)", "routes": "`POST /models/{model_id}`",
+    doc={"api": "Hugging Face feature extraction (004)", "routes": "`POST /models/{model_id}` (and `/hf-inference/models/{model_id}[/pipeline/feature-extraction]`)",
          "client": "`huggingface_hub.InferenceClient`", "auth": "`Authorization: Bearer`"},
 )

@@ -98,12 +98,12 @@ def parse_input(raw: Any, max_inputs: int, own_ids: bool = False) -> list[str] |
 def to_core(body: httpbody_pb2.HttpBody, call: rpc.Call) -> EmbedRequest:
     """OpenAI's JSON body (passed through by Envoy as raw bytes: no transcoding of a million token ids there)."""
     data = json_object(body.data)
-    if call.settings.get("ollama_legacy") and "input" not in data and (
-        "prompt" in data or (call.headers.get(rpc.REST_MARK) == ollama.LEGACY_PATH and isinstance(data.get("model"), str)
-                              and set(data) <= ollama.LEGACY_PRELOAD)
+    path = call.headers.get(rpc.REST_MARK)
+    if call.settings.get("ollama_legacy") and "input" not in data and path in (None, ollama.LEGACY_PATH) and (
+        "prompt" in data or (path == ollama.LEGACY_PATH and isinstance(data.get("model"), str) and set(data) <= ollama.LEGACY_PRELOAD)
     ):
-        # Ollama's older API on AIGNE Hub's path: its body chose. A prompt, or on /api/embeddings only the model (and
-        # options): how Ollama's clients preload a model, answered {"embedding": []}.
+        # Ollama's older API on the path it shares with AIGNE Hub (/api/embeddings): its body chose. A prompt, or only the
+        # model (and options): how Ollama's clients preload a model, answered {"embedding": []}.
         return ollama.legacy_to_core(data, call)
     model = typed(data, "model", str, "a string") or ""
     fmt = typed(data, "encoding_format", str, "'float' or 'base64'") or "float"
@@ -192,8 +192,12 @@ DIALECT = Dialect(
     ),
     auth=(auth.BEARER,),
     error_body=error_body,
-    rest_prefixes=("/v1/embeddings", "/v1/models", "/api/embeddings"),
+    rest_prefixes=("/v1/embeddings", "/v1/models", "/api/embeddings", "/api/v1/embeddings", "/api/v2/embeddings",
+                   r"^/embeddings(\?.*)?$"),
+    # OpenAI's API lives under /v1/ (Cohere's /v1/embed, HrFlow's /v1/document/ and Gemini's :verbs have their own
+    # entries above), AIGNE Hub's under /api/v1/ and /api/v2/.
+    fallback_prefixes=("/v1/", "/api/v1/", "/api/v2/"),
     envoy_error_body={"error": {"message": "%LOCAL_REPLY_BODY%", "type": "invalid_request_error", "param": None, "code": None}},
-    doc={"api": "OpenAI (003), AIGNE Hub (001)", "routes": "`POST /v1/embeddings`, `POST /api/embeddings`, `GET /v1/models`, `GET /v1/models/{model}`",
+    doc={"api": "OpenAI (003), AIGNE Hub (001)", "routes": "`POST /v1/embeddings`, `POST /api/embeddings` (and `/api/v1/…`, `/api/v2/…`), `GET /v1/models`, `GET /v1/models/{model}`",
          "client": "`openai`", "auth": "`Authorization: Bearer`"},
 )

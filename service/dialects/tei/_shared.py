@@ -66,22 +66,38 @@ def backend_codes(err: errors.ServiceError) -> errors.ServiceError:
 
 
 def simple_tokens(e: tokenization.Encoded) -> list[dict[str, Any]]:
-    """TEI's SimpleTokens: a special token has its token string and null offsets; the others their characters."""
+    """TEI's SimpleTokens: a special token has its token string and null offsets; the others their text and its byte
+    offsets in the UTF-8 text (TEI slices `input.bytes()`: in "café au lait", `au` is 6-8, not characters 5-7)."""
     out = []
     special_texts = iter(e.special_texts)
+    at = _byte_offsets(e.text)
     for id_, (start, stop), special in zip(e.ids.tolist(), e.offsets.tolist(), e.special.tolist()):
         if special:
             out.append({"id": id_, "text": next(special_texts), "special": True, "start": None, "stop": None})
         else:
-            out.append({"id": id_, "text": e.text[start:stop], "special": False, "start": start, "stop": stop})
+            out.append({"id": id_, "text": e.text[start:stop], "special": False, "start": at(start), "stop": at(stop)})
     return out
+
+
+def _byte_offsets(text: str) -> Any:
+    """Character offset → byte offset in `text`'s UTF-8 (the identity for ASCII)."""
+    if text.isascii():
+        return lambda i: i
+    ends = [0]
+    for ch in text:
+        ends.append(ends[-1] + len(ch.encode("utf-8", "surrogatepass")))
+    return lambda i: ends[i]
 
 
 
 POOLING_NAMES = {"lasttoken": "last_token"}
 
 
-def info_fields(model: ServedModel | RemoteModel, pooling: tuple[str, ...], embedder: Embedder) -> dict[str, Any]:
+# The TEI release whose API this dialect matches (/info.version: clients read features off it).
+TEI_VERSION = "1.9.3"
+
+
+def info_fields(model: ServedModel | RemoteModel, pooling: tuple[str, ...], embedder: Embedder, auto_truncate: bool) -> dict[str, Any]:
     """TEI's `Info`, in its order, filled from this server."""
     limits = embedder.limits
     if isinstance(model, ServedModel):
@@ -93,17 +109,18 @@ def info_fields(model: ServedModel | RemoteModel, pooling: tuple[str, ...], embe
         "model_id": model.id,
         "model_sha": (model.commit or None) if isinstance(model, ServedModel) else None,
         "model_dtype": dtype,
+        "served_model_name": model.id,
         "model_type": {"embedding": {"pooling": "+".join(POOLING_NAMES.get(p, p) for p in pooling) or "mean"}},
         "max_concurrent_requests": limits.max_concurrent_requests,
         "max_input_length": max_input,
         "max_batch_tokens": limits.max_batch_tokens,
         "max_batch_requests": limits.max_batch_size,
         "max_client_batch_size": limits.max_client_batch_size,
-        "auto_truncate": limits.auto_truncate,
+        "auto_truncate": auto_truncate,
         "tokenization_workers": getattr(embedder.executor, "_max_workers", None) or min(4, os.cpu_count() or 2),
-        "version": VERSION,
+        "version": TEI_VERSION,
         "sha": None,
-        "docker_label": None,
+        "docker_label": f"embedding-service {VERSION}",
         # Not TEI's: how `precision: auto` chose this model's precision (tried, lowest cosine to fp32, chosen).
         **({"precision_check": model.fidelity} if isinstance(model, ServedModel) and model.fidelity else {}),
     }
@@ -144,7 +161,7 @@ class Base:
 
     async def info(self) -> tuple[ServedModel | RemoteModel, dict[str, Any]]:
         model = await self.embedder.registry.get(self.model, wait=False)
-        return model, info_fields(model, await self.pooling(model), self.embedder)
+        return model, info_fields(model, await self.pooling(model), self.embedder, self.auto_truncate)
 
 
 def dialect():

@@ -213,7 +213,8 @@ class TeiInfoServicer(_GrpcBase):
         async def work() -> tei.InfoResponse:
             _, f = await self.info()
             return tei.InfoResponse(
-                version=f["version"], model_id=f["model_id"], model_dtype=f["model_dtype"], model_type=tei.MODEL_TYPE_EMBEDDING,
+                version=f["version"], docker_label=f["docker_label"], model_id=f["model_id"], model_sha=f["model_sha"],
+                model_dtype=f["model_dtype"], model_type=tei.MODEL_TYPE_EMBEDDING,
                 max_concurrent_requests=f["max_concurrent_requests"], max_input_length=f["max_input_length"],
                 max_batch_tokens=f["max_batch_tokens"], max_batch_requests=f["max_batch_requests"],
                 max_client_batch_size=f["max_client_batch_size"], tokenization_workers=f["tokenization_workers"],

@@ -129,8 +129,8 @@ def inputs(v: struct_pb2.Value | None, max_inputs: int, field: str = "inputs", i
 
 
 def long_inputs(request: Any, call: rpc.Call) -> str:
-    """TEI's `truncate`: true cuts, false refuses; left out, TEI's --auto-truncate (`limits.auto_truncate`) or else the
-    route's policy (`dialects.long_inputs.tei`, refuse by default, as TEI)."""
+    """TEI's `truncate`: true cuts, false refuses; left out, TEI's --auto-truncate (on unless `dialects.long_inputs.tei` says
+    otherwise: TEI 1.9's default) or else the route's policy (chunk, where an operator sets it)."""
     given = opt_bool(request, "truncate", None)  # type: ignore[arg-type]
     if given is None:
         return "truncate" if call.settings["auto_truncate"] else call.long_inputs
@@ -211,7 +211,11 @@ def tokens_body(done: tokenization.Tokenized) -> httpbody_pb2.HttpBody:
 
 async def respond(context: grpc.aio.ServicerContext, result: EmbedResult, chars: int) -> None:
     """`rpc.respond`, plus the timing headers TEI sends that the other dialects don't."""
-    extra = [("x-compute-type", "cpu"), ("x-compute-characters", str(chars)), ("x-total-time", f"{result.timings.total * 1000:.3f}")]
+    t = result.timings
+    # Whole milliseconds, as TEI writes them (`as_millis().to_string()`), over the other dialects' fractional ones.
+    ms = [("x-compute-time", t.total), ("x-total-time", t.total), ("x-tokenization-time", t.tokenize), ("x-queue-time", t.queue),
+          ("x-inference-time", t.inference)]
+    extra = [("x-compute-type", "cpu"), ("x-compute-characters", str(chars)), *((k, str(int(v * 1000))) for k, v in ms)]
     await rpc.respond(context, result, tuple(extra))
 
 
