@@ -31,6 +31,12 @@ DEEP_ROUTES = {
     "/v2/embed": ["texts", "model", "input_type", "embedding_types", "truncate"],
     f"/v1beta/models/{MODEL}:embedContent": ["content", "taskType", "title", "outputDimensionality", "model"],
     f"/v1beta/models/{MODEL}:batchEmbedContents": ["requests", "model", "requests", "requests", "requests"],
+    # Issue 30's routes
+    "/api/show": ["model", "name", "verbose", "options"],
+    "/similarity": ["inputs", "parameters", "inputs", "inputs", "inputs"],
+    "/vertex": ["instances", "instances", "instances", "instances", "instances"],
+    "/api/v1/embeddings": ["input", "model", "encoding_format", "dimensions"],
+    f"/hf-inference/models/{MODEL}/pipeline/feature-extraction": ["inputs", "normalize", "truncate", "parameters"],
 }
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
@@ -150,7 +156,7 @@ def test_base64_round_trips(values, order):
 def dialect_shaped(path: str, r: requests.Response) -> None:
     """A 4xx body in the route's own error shape."""
     body = r.json()
-    if path == "/api/embed":  # Ollama
+    if path in ("/api/embed", "/api/show"):  # Ollama
         assert set(body) == {"error"} and isinstance(body["error"], str), body
     elif path == "/v2/embed":  # Cohere
         assert set(body) >= {"id", "message"}, body
@@ -160,7 +166,7 @@ def dialect_shaped(path: str, r: requests.Response) -> None:
         assert isinstance(body.get("code"), int) and isinstance(body.get("message"), str), body
     elif path.startswith(("/v1/embeddings", "/api/")):
         assert set(body["error"]) >= {"message", "type"}, body
-    elif path.startswith("/models/"):
+    elif path.startswith(("/models/", "/hf-inference/", "/similarity", "/vertex")):  # Hugging Face, TEI
         assert isinstance(body["error"], str) and "error_type" in body, body
     else:
         assert set(body) == {"code", "message"}, body

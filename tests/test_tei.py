@@ -697,7 +697,7 @@ def test_tei_model_knob():
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 FIELDS = ["inputs", "normalize", "truncate", "truncation_direction", "prompt_name", "dimensions", "add_special_tokens", "ids",
-          "skip_special_tokens"]
+          "skip_special_tokens", "source_sentence", "sentences", "parameters", "instances", "query", "texts"]
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-(2**40), max_value=2**40), st.floats(allow_nan=False, allow_infinity=False),
     st.text(max_size=40), st.sampled_from(["Left", "right", "query", "", 101, 102, 7592]),
@@ -707,22 +707,26 @@ bodies = st.dictionaries(st.one_of(st.sampled_from(FIELDS), st.text(max_size=6))
 
 
 @FUZZ
-@given(body=bodies, path=st.sampled_from(["/embed", "/", "/embed_all", "/tokenize", "/decode"]))
+@given(body=bodies, path=st.sampled_from(["/embed", "/", "/embed_all", "/tokenize", "/decode", "/similarity", "/vertex", "/rerank",
+                                          "/predict", "/invocations"]))
 def test_tei_fuzz(stack, body, path):
     r = requests.post(stack.http_url + path, json=body, timeout=30)
     assert r.status_code < 500, (path, body, r.status_code, r.text[:300])
     assert r.headers.get("content-type", "").startswith("application/json"), (path, body, r.status_code, r.text[:300])
     if r.status_code == 200:
         data = r.json()
-        if path in ("/embed", "/", "/embed_all"):
+        if path in ("/embed", "/", "/embed_all", "/invocations", "/similarity"):
             assert all(np.isfinite(np.asarray(x, dtype=np.float64)).all() for x in data)
+        if path == "/vertex":
+            assert all(np.isfinite(np.asarray(x, dtype=np.float64)).all() for x in data["predictions"])
     else:
         tei_error(r, r.status_code)
 
 
 TEI_ROUTES = {"/embed": ["inputs", "normalize", "truncate", "truncation_direction", "dimensions"], "/": ["inputs", "prompt_name", "truncate"],
               "/embed_all": ["inputs", "truncate", "truncation_direction"], "/tokenize": ["inputs", "add_special_tokens", "prompt_name"],
-              "/decode": ["ids", "skip_special_tokens"]}
+              "/decode": ["ids", "skip_special_tokens"], "/similarity": ["inputs", "source_sentence", "sentences", "parameters"],
+              "/vertex": ["instances", "inputs", "normalize"], "/rerank": ["query", "texts"]}
 
 
 def nest(value, depth: int, as_list: bool) -> str:

@@ -27,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ai.inworld.embedding.v1alpha import embedding_service_pb2 as pb
 from ai.inworld.embedding.v1alpha import embedding_service_pb2_grpc as pb_grpc
-from embedding.dialects.v1 import hrflow_pb2, hrflow_pb2_grpc, huggingface_pb2, huggingface_pb2_grpc
+from embedding.dialects.v1 import hrflow_pb2, hrflow_pb2_grpc, huggingface_pb2, huggingface_pb2_grpc, ollama_pb2, ollama_pb2_grpc, tei_pb2, tei_pb2_grpc
 from google.protobuf import struct_pb2
 from service import envoy
 from service.config import ModelConfig
@@ -665,6 +665,17 @@ NAN_CASES = {
     "huggingface parameters": lambda: (huggingface_pb2_grpc.HuggingFaceStub, "FeatureExtraction", huggingface_pb2.FeatureExtractionRequest(
         model=MODEL, inputs=struct_pb2.Value(string_value="hi"),
         parameters=struct_pb2.Struct(fields={"normalize": struct_pb2.Value(number_value=float("-inf"))}))),
+    # Issue 30's new fields: Ollama's options.num_ctx, TEI's /similarity parameters and /vertex instances.
+    "ollama num_ctx": lambda: (ollama_pb2_grpc.OllamaStub, "Embed", ollama_pb2.OllamaEmbedRequest(
+        model=MODEL, input=struct_pb2.Value(string_value="hi"),
+        options=struct_pb2.Struct(fields={"num_ctx": struct_pb2.Value(number_value=float("nan"))}))),
+    "tei similarity parameters": lambda: (tei_pb2_grpc.TextEmbeddingsInferenceStub, "Similarity", tei_pb2.TeiSimilarityRequest(
+        inputs=struct_pb2.Value(struct_value=struct_pb2.Struct(fields={"source_sentence": struct_pb2.Value(string_value="a"),
+                                                                       "sentences": struct_pb2.Value(list_value=struct_pb2.ListValue(values=[struct_pb2.Value(string_value="b")]))})),
+        parameters=struct_pb2.Value(struct_value=struct_pb2.Struct(fields={"truncate": struct_pb2.Value(number_value=float("inf"))})))),
+    "tei vertex instance": lambda: (tei_pb2_grpc.TextEmbeddingsInferenceStub, "Vertex", tei_pb2.TeiVertexRequest(
+        instances=struct_pb2.Value(list_value=struct_pb2.ListValue(values=[struct_pb2.Value(struct_value=struct_pb2.Struct(
+            fields={"inputs": struct_pb2.Value(string_value="a"), "dimensions": struct_pb2.Value(number_value=float("nan"))}))])))),
 }
 
 
@@ -677,7 +688,8 @@ def test_nan_or_infinity_inside_a_value_is_a_clean_invalid_argument(stack, case)
         with pytest.raises(grpc.RpcError) as e:
             getattr(stub_class(ch), method)(request, timeout=30)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.value.code(), e.value.details())
-    assert "NaN or Infinity" in e.value.details()
+    # JSON's converter names it, or TEI's field reader does (`invalid type: floating point `inf``, as serde words it)
+    assert "NaN or Infinity" in e.value.details() or "floating point `inf`" in e.value.details(), e.value.details()
 
 
 def test_silent_connections_cannot_hold_envoys_connection_budget(tmp_path):

@@ -22,7 +22,7 @@ from embedding.dialects.v1 import tei_pb2 as pb
 
 from ... import errors, rpc
 from ...engine.pipeline import EmbedRequest
-from ..common import json_body
+from ..common import json_body, value
 from ._shared import _C, dialect, unprocessable
 from .http_api import TeiHttpServicer, _describe, _given, direction, embed_core, inputs, long_inputs, opt_str, respond
 
@@ -105,8 +105,9 @@ def vertex_cores(request: pb.TeiVertexRequest, call: rpc.Call) -> list[EmbedRequ
         if "query" in fields and "texts" in fields:
             raise _backend("model is not a re-ranker model")
         embed = pb.TeiEmbedRequest()
+        data = value(instance, f"instances[{i}]")  # NaN or Infinity (native gRPC can send them): a 400 naming the field
         try:
-            json_format.ParseDict(json_format.MessageToDict(instance.struct_value), embed, ignore_unknown_fields=True)  # serde's default
+            json_format.ParseDict(data, embed, ignore_unknown_fields=True)  # unknown fields ignored, serde's default
         except (json_format.ParseError, ValueError) as err:
             raise unprocessable(f"instances[{i}]", str(err).split("\n")[0][:200]) from None
         core = embed_core(embed, call)
