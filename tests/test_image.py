@@ -75,6 +75,8 @@ def test_the_image_is_small_unprivileged_and_torch_free(image):
     # Envoy is on the PATH (the pod's sidecar runs it from this image) and its descriptor set is inside.
     assert "1.40" in run("envoy", "--version").stdout
     assert run("test", "-s", "/app/gen/descriptor.pb").returncode == 0
+    # The licence travels with the image, and with it the notice for the file of TEI's it carries (issue 28.4).
+    assert "Apache License" in run("cat", "/app/LICENSE").stdout and "Hugging Face" in run("cat", "/app/NOTICE").stdout
     assert "--model-id ID" in run("python", "-m", "service.run", "--help").stdout
     # A model by id: the image is offline by default, so one not in its Hugging Face cache stops the start in one line
     # that says how to fetch it; the cache folder is the service user's, for a volume or a download.
