@@ -101,7 +101,7 @@ bench: $(GEN_STAMP) $(if $(PEERS),$(PEERS_STAMPS))  ## throughput and latency ag
 bench-mpnet: $(GEN_STAMP) $(if $(PEERS),$(PEERS_STAMPS))  ## all-mpnet-base-v2 beside MiniLM, each against its baseline (PEERS=1: and Infinity); writes bench/MPNET.md
 	$(PY) -m service.bench.second_model "$$($(PY) -m tests.second_model)" $(ARGS)
 
-docs: $(STAMP)  ## regenerate the README's configuration and metrics references
+docs: $(STAMP)  ## regenerate the configuration and metrics references in docs/
 	$(PY) -m service.tools.docs
 
 deploy: $(GEN_STAMP)  ## render deploy/ and envoy.yaml from the config (CONFIG=file)

@@ -1,8 +1,9 @@
-"""Generates the README's configuration and metrics references from the code (`python -m service.tools.docs`).
+"""Generates the configuration and metrics references (docs/configuration.md, docs/operations.md) from the code
+(`make docs`, `python -m service.tools.docs`).
 
 The configuration table comes from the dataclasses in service/config.py (names, types, defaults) and the
 comment lines written above each field; the metrics table from the metric objects themselves. A test
-checks the README holds exactly what this writes, so the reference cannot drift from the code.
+checks the docs hold exactly what this writes, so the reference cannot drift from the code.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from .. import config as config_mod
 from .. import metrics
 
 ROOT = Path(__file__).resolve().parents[2]
-README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+# Each generated reference and the page it lives in.
+PAGES = {"config-reference": DOCS / "configuration.md", "metrics-reference": DOCS / "operations.md"}
 SECTIONS = [
     ("server", config_mod.ServerConfig),
     ("envoy", config_mod.EnvoyConfig),
@@ -73,20 +76,27 @@ def metrics_reference() -> str:
     return "\n".join(rows)
 
 
-def render(readme: str) -> str:
-    for tag, body in (("config-reference", config_reference()), ("metrics-reference", metrics_reference())):
+def references() -> dict[str, str]:
+    return {"config-reference": config_reference(), "metrics-reference": metrics_reference()}
+
+
+def render(text: str, tags: list[str] | None = None) -> str:
+    """`text` with each generated reference (of `tags`: those its page holds) written between its markers."""
+    bodies = references()
+    for tag in tags if tags is not None else [t for t in bodies if f"<!-- {t}:start -->" in text]:
         start, end = f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
-        if start not in readme:
-            raise SystemExit(f"README.md lacks the {start} … {end} markers")
-        before, rest = readme.split(start, 1)
+        if start not in text:
+            raise SystemExit(f"the page lacks the {start} … {end} markers")
+        before, rest = text.split(start, 1)
         _, after = rest.split(end, 1)
-        readme = f"{before}{start}\n{body}\n{end}{after}"
-    return readme
+        text = f"{before}{start}\n{bodies[tag]}\n{end}{after}"
+    return text
 
 
 def main() -> int:
-    README.write_text(render(README.read_text()))
-    print("README.md references regenerated")
+    for tag, page in PAGES.items():
+        page.write_text(render(page.read_text(), [tag]))
+        print(f"{page.relative_to(ROOT)}: {tag} regenerated")
     return 0
 
 
