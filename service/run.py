@@ -171,17 +171,23 @@ def banner(cfg: config_mod.Config, stack, seconds: float) -> str:
 
     model = cfg.default_model().id
     keyed = keys_configured(cfg)
+    # Where each API's client points (its base URL), then native gRPC and the docs.
     apis = [
-        ("OpenAI", f"{url}/v1/embeddings"),
-        ("Text Embeddings Inference", f"{url}/embed   (gRPC tei.v1 on {stack.envoy_target})"),
-        ("Ollama", f"{url}/api/embed"),
-        ("Cohere", f"{url}/v2/embed"),
-        ("Gemini", f"{url}/v1beta/models/{{model}}:embedContent"),
+        ("OpenAI", f"{url}/v1   (openai: base_url)"),
+        ("Text Embeddings Inference", f"{url}   (gRPC tei.v1 on {stack.envoy_target})"),
+        ("Ollama", f"{url}   (ollama: host)"),
+        ("Cohere", f"{url}   (cohere: base_url; /v2/embed, /v1/embed)"),
+        ("Gemini", f"{url}   (google-genai: http_options base_url; /v1beta/, /v1/)"),
         ("Hugging Face", f"{url}/models/{{model}}"),
-        ("HrFlow", f"{url}/v1/document/embedding"),
+        ("AIGNE Hub", f"{url}/api"),
+        ("HrFlow", f"{url}/v1/   (hrflow: api_url)"),
         ("Inworld", f"{url}/ml/v1alpha/embedding:embed"),
         ("native gRPC", f"{stack.envoy_target}   (reflection on; e.g. grpcurl -plaintext {stack.envoy_target} list)"),
     ]
+    from .dialects import enabled
+
+    if any(d.name == "reference" for d in enabled(cfg)):
+        apis.append(("API reference", f"{url}/docs   (OpenAPI: {url}/openapi.json; and docs/apis.md)"))
     width = max(len(name) for name, _ in apis)
     lines = [f"ready in {seconds:.1f}s: model {model}", ""]
     lines += [f"  {name:<{width}}  {where}" for name, where in apis]

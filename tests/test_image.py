@@ -107,6 +107,9 @@ def test_every_api_answers_through_the_containers_port(served, reference):
     # A key is required from a caller elsewhere.
     refused = netns.check("post", host=netns.address, port=HTTP, path="/v1/embeddings", body={"model": "x", "input": "hi"})
     assert refused["status"] == 401, refused
+    # The API reference is in the image and open, Swagger UI's script included (issue 28.2)
+    for path in ("/openapi.json", "/docs", "/docs/swagger-ui-bundle.js"):
+        assert netns.check("get", host=netns.address, port=HTTP, path=path)["status"] == 200, path
     logs = served.logs()
     assert "exporting to ONNX" not in logs, "the image's baked export was not found"
     assert KEY not in logs and INWORLD_SECRET not in logs

@@ -99,3 +99,24 @@ def test_the_shell_quick_starts_mean_what_they_say():
     for target in ("image", "deploy"):
         assert subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True).returncode == 0, target
     assert (ROOT / "deploy" / "secret.example.yaml").exists() and (ROOT / "deploy" / "kustomization.yaml").exists()
+
+
+def test_make_runs_banner_names_every_apis_base_url_and_the_docs():
+    """Issue 28.5: `make run` ends by listing where each API's client points, native gRPC and the docs."""
+    from types import SimpleNamespace
+
+    from service.config import Config
+    from service.run import banner
+
+    stack = SimpleNamespace(http_url="http://127.0.0.1:8080", envoy_target="127.0.0.1:8080", ready_url="http://127.0.0.1:9902/ready",
+                            metrics_urls=[])
+    text = banner(Config(), stack, 1.0)
+    for name, where in [("OpenAI", "http://127.0.0.1:8080/v1"), ("Text Embeddings Inference", "http://127.0.0.1:8080"),
+                        ("Ollama", "http://127.0.0.1:8080"), ("Cohere", "http://127.0.0.1:8080"), ("Gemini", "http://127.0.0.1:8080"),
+                        ("Hugging Face", "/models/{model}"), ("AIGNE Hub", "http://127.0.0.1:8080/api"), ("HrFlow", "http://127.0.0.1:8080/v1/"),
+                        ("Inworld", "/ml/v1alpha/embedding:embed"), ("native gRPC", "127.0.0.1:8080"), ("API reference", "/docs")]:
+        line = next((line for line in text.splitlines() if line.strip().startswith(name)), None)
+        assert line is not None and where in line, (name, line)
+    off = Config()
+    off.dialects.disabled = ["reference"]
+    assert "/docs" not in banner(off, stack, 1.0)

@@ -61,7 +61,7 @@ class Dialect:
     public_methods: tuple[str, ...] = ()
     # Default on or off (an operator changes it with `dialects.enabled` / `dialects.disabled`).
     enabled_by_default: bool = True
-    # Free-form notes for the README's dialect table: route, client, auth scheme.
+    # Free-form notes on the API: its name, routes, client, auth scheme (its OpenAPI fragment is service/openapi/<name>.yaml).
     doc: dict[str, str] = field(default_factory=dict)
 
     def schemes(self, rest: bool) -> tuple[Scheme, ...]:
