@@ -79,13 +79,17 @@ class ModelConfig:
 class ProviderConfig:
     """An OpenAI-compatible upstream; the one named `openai` is what SERVICE_PROVIDER_OPENAI selects."""
 
+    # What models[].provider names it by; `openai` is what Inworld's SERVICE_PROVIDER_OPENAI selects.
     name: str = "openai"
+    # The upstream's API: openai (any OpenAI-compatible embeddings endpoint).
     kind: str = "openai"
+    # The upstream's base URL (its /embeddings is called).
     base_url: str = "https://api.openai.com/v1"
     # The environment variable holding the upstream API key (keys never live in this file).
     api_key_env: str = "OPENAI_API_KEY"
     # A key written here directly (discouraged; masked by --print-config).
     api_key: str = ""
+    # One upstream request's time limit (and never past the caller's deadline).
     timeout_seconds: float = 30.0
     # Inputs per upstream request; larger requests are split and merged in order.
     max_batch: int = 2048

@@ -26,3 +26,22 @@ def test_licence_and_notice():
     assert "Apache License" in (ROOT / "LICENSE").read_text() and "Version 2.0" in (ROOT / "LICENSE").read_text()
     notice = (ROOT / "NOTICE").read_text()
     assert "proto/tei/v1/tei.proto" in notice and "Copyright 2022 Hugging Face" in notice and "v1.9.3" in notice
+
+
+def test_figures_are_the_committed_results():
+    """Issue 28.3: every number the docs quote from a benchmark is read from bench/ by `make docs`; one that disagrees
+    with its source (an edited doc, or results committed without `make docs`) fails here."""
+    figures = docs.figures()
+    used = set()
+    for page in docs.pages():
+        text = page.read_text()
+        used |= {name for name, _ in docs.FIGURE.findall(text)}
+        assert docs.render_figures(text) == text, f"{page.name}: a figure disagrees with bench/; run make docs"
+    assert used and used <= set(figures), used - set(figures)
+    assert {"results.rest_32x32", "load.requests", "mpnet.mpnet"} <= used
+
+
+def test_the_configuration_reference_covers_every_section():
+    table = docs.config_reference()
+    for key in ("`dialects.long_inputs`", "`dialects.disabled`", "`providers[].base_url`", "`providers[].api_key_env`", "`models[].repo`"):
+        assert key in table, key
