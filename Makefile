@@ -63,14 +63,14 @@ $(TEI_STAMP):
 		llama-index-embeddings-text-embeddings-inference==0.6.0 llama-index-core==0.14.25 numpy==2.4.6
 	@touch $@
 
-# The peers of `make bench PEERS=1` (service/bench/peers.py), each in its own environment, every package pinned.
-$(PEERS_FASTEMBED_VENV)/.installed: service/bench/peers/requirements-fastembed.txt
+# The peers of `make bench PEERS=1` (bench/peers.py), each in its own environment, every package pinned.
+$(PEERS_FASTEMBED_VENV)/.installed: bench/peers/requirements-fastembed.txt
 	@test -x $(PEERS_FASTEMBED_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_FASTEMBED_VENV)
 	$(PEERS_FASTEMBED_VENV)/bin/python -m pip install --quiet -r $<
 	@touch $@
 
 # Infinity needs torch: the pinned CPU build first, as for .venv.
-$(PEERS_INFINITY_VENV)/.installed: service/bench/peers/requirements-infinity.txt
+$(PEERS_INFINITY_VENV)/.installed: bench/peers/requirements-infinity.txt
 	@test -x $(PEERS_INFINITY_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_INFINITY_VENV)
 	$(PEERS_INFINITY_VENV)/bin/python -m pip install --quiet torch==2.13.0
 	$(PEERS_INFINITY_VENV)/bin/python -m pip install --quiet -r $<
@@ -95,11 +95,11 @@ $(GEN_STAMP): $(STAMP) $(PROTOS)
 	@touch $@
 
 bench: $(GEN_STAMP) $(if $(PEERS),$(PEERS_STAMPS))  ## throughput and latency against the baselines (PEERS=1: and fastembed, Infinity); writes bench/RESULTS.md and bench/MPNET.md
-	$(PY) -m service.bench $(if $(PEERS),--peers) $(ARGS)
+	$(PY) -m bench $(if $(PEERS),--peers) $(ARGS)
 	$(MAKE) --no-print-directory bench-mpnet ARGS=
 
 bench-mpnet: $(GEN_STAMP) $(if $(PEERS),$(PEERS_STAMPS))  ## all-mpnet-base-v2 beside MiniLM, each against its baseline (PEERS=1: and Infinity); writes bench/MPNET.md
-	$(PY) -m service.bench.second_model "$$($(PY) -m tests.second_model)" $(ARGS)
+	$(PY) -m bench.second_model "$$($(PY) -m tests.second_model)" $(ARGS)
 
 docs: $(STAMP)  ## regenerate the configuration and metrics references in docs/
 	$(PY) -m service.tools.docs
@@ -109,7 +109,7 @@ deploy: $(GEN_STAMP)  ## render deploy/ and envoy.yaml from the config (CONFIG=f
 	$(PY) -m service.envoy $(if $(CONFIG),--config $(CONFIG)) > envoy.yaml
 
 load: $(GEN_STAMP)  ## 64 clients, every dialect, 60 s x 2 through Envoy; writes bench/LOAD.md
-	$(PY) -m service.bench.load $(ARGS)
+	$(PY) -m bench.load $(ARGS)
 
 clean:
 	rm -rf gen .pytest_cache

@@ -165,7 +165,7 @@ def test_no_secret_reaches_the_logs(secured):
 def test_the_load_tests_keys_are_keys_the_server_takes():
     # `make load` runs with keys on; a key the server refuses (under 16 characters) stopped it from starting.
     from service import auth
-    from service.bench import load
+    from bench import load
 
     creds = auth.parse_env(f"{load.KEY},{load.REFERENCE_KEY},{load.INWORLD_KEY}:{load.INWORLD_SECRET}")
     assert len(creds) == 3 and creds[2].secret_digest is not None

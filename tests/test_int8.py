@@ -1,6 +1,6 @@
 """The int8 tier (issue 13, item 4): its corpus, its metric, its cache, and that it stays off until a scheme passes.
 
-The full judgement (≥ 5,000 texts, speed side by side) is `python -m service.bench.int8` → bench/INT8.md; these
+The full judgement (≥ 5,000 texts, speed side by side) is `python -m bench.int8` → bench/INT8.md; these
 tests are small and fast. The quantizer itself is exercised on a tiny calibration set, and its output is checked
 with exact int8 arithmetic (OpenVINO's low-precision transformations off), so the check means the same on every CPU.
 """
@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.bench import realtext
-from service.bench.int8 import Corpus, embed, retrieval
+from bench import realtext
+from bench.int8 import Corpus, embed, retrieval
 from service.config import default_model_path
 from service.engine.folder import read_folder
 from service.runtimes import MODES, int8
@@ -93,7 +93,7 @@ def tiny_scheme_model(tmp_path_factory):
 def test_quantized_model_runs_int8_and_stays_close(tiny_scheme_model):
     import openvino as ov
 
-    from service.bench.int8 import int8_share
+    from bench.int8 import int8_share
 
     folder, path = tiny_scheme_model
     core = ov.Core()

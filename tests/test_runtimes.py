@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from service.bench.corpus import make_corpus
+from bench.corpus import make_corpus
 from service.config import Config
 from service.engine.cache import EmbeddingCache
 from service.engine.models import ModelRegistry, resolve_mode

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from service.bench.corpus import make_corpus
+from bench.corpus import make_corpus
 from service.config import default_model_path
 from service.engine.tokenizer import TextTokenizer
 from service.engine.wordpiece import _CLEAN, _LONG_WORD, AsciiWordPiece

@@ -4,7 +4,7 @@ Modes are (runtime, precision) pairs. Each reduced-precision mode is offered onl
 cosine ≥ 0.999 to the fp32 reference on the benchmark corpus (tests/test_runtimes.py checks a sample;
 `make bench` measures the whole corpus).
 
-int8 (`openvino`/`int8`, never chosen by `auto`) is judged on retrieval instead (`python -m service.bench.int8`,
+int8 (`openvino`/`int8`, never chosen by `auto`) is judged on retrieval instead (`python -m bench.int8`,
 bench/INT8.md) and is listed here only once a scheme in `int8.SCHEMES` passes that bar and is `int8.CHOSEN`.
 """
 

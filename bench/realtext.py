@@ -3,7 +3,7 @@
 Why this source: it is human-written technical prose (not generated), it is on every machine that runs the
 service (the interpreter's own `Lib/` folder; nothing to download or install), it is fixed by the Python
 version (3.11.7 here, pinned by the project's machines), and it is not the generated benchmark corpus
-(`service.bench.corpus`). Its topics cluster (files, sockets, parsing, dates...), with many near-paraphrases
+(`bench.corpus`). Its topics cluster (files, sockets, parsing, dates...), with many near-paraphrases
 ("Return the ...", "Create a new ..."), which makes nearest-neighbour rankings fragile: a demanding test of
 whether a reduced-precision mode keeps the same neighbours.
 

@@ -59,7 +59,7 @@ async def forward_only(model, texts: list[str], idle: float = 0.0) -> list[float
 
 
 async def engine_latency(embedder, texts: list[str]) -> list[float]:
-    from ..engine.pipeline import EmbedRequest
+    from service.engine.pipeline import EmbedRequest
 
     out = []
     for text in texts:

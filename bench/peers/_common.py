@@ -1,6 +1,6 @@
 """Shared by the peer runners, which run in the peers' own virtual environments (never in ours).
 
-A runner is started as `<venv>/bin/python service/bench/peers/<peer>_runner.py JOB` by service/bench/peers.py;
+A runner is started as `<venv>/bin/python bench/peers/<peer>_runner.py JOB` by bench/peers.py;
 JOB is a JSON file with the corpus and the settings; the runner writes `result.json` (and one `.npy` of vectors
 per throughput run) into the job's folder. Only the standard library and numpy are used here.
 """

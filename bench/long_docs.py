@@ -3,7 +3,7 @@
 The documents are real prose, long: each is the prose of one standard-library module's docstrings, in source order
 (see `realtext`), kept when it runs 600–4,000 tokens. Each query is one paragraph from the second half of one
 document (past the model's 256 tokens, so `truncate` never read it). Both policies embed every document; a query
-is answered right when its own document ranks first. `python -m service.bench.long_docs` prints the table;
+is answered right when its own document ranks first. `python -m bench.long_docs` prints the table;
 `make bench` puts it in bench/RESULTS.md.
 """
 
@@ -94,7 +94,7 @@ def corpus(tokenizer, documents_of=module_documents, limit: int | None = None) -
 
 async def measure(embedder, documents: list[str], queries: list[str], owner: list[int]) -> dict:
     """Top-1 accuracy of each policy, and the long documents' tokens/s under chunking."""
-    from ..engine.pipeline import EmbedRequest
+    from service.engine.pipeline import EmbedRequest
 
     out: dict = {"documents": len(documents), "queries": len(queries)}
     q = (await embedder.embed(EmbedRequest(inputs=queries, use_cache=False))).vectors
@@ -147,7 +147,7 @@ async def run_all(embedder, tokenizer) -> dict[str, dict]:
 async def main_async(args) -> int:
     from tokenizers import Tokenizer
 
-    from ..config import Config, default_model_path
+    from service.config import Config, default_model_path
     from .__main__ import engine_session
 
     tok = Tokenizer.from_file(str(Path(default_model_path()) / "tokenizer.json"))
@@ -166,7 +166,7 @@ async def main_async(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argparse.ArgumentParser(prog="python -m service.bench.long_docs", description=__doc__.split("\n\n")[0]).parse_args(argv)
+    argparse.ArgumentParser(prog="python -m bench.long_docs", description=__doc__.split("\n\n")[0]).parse_args(argv)
     return asyncio.run(main_async(None))
 
 

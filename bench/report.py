@@ -99,7 +99,7 @@ def stages_section(stages) -> list[str]:
 
 
 def lone_section(lone) -> list[str]:
-    """A lone short text's forward pass under each runtime option (service/bench/lone.py)."""
+    """A lone short text's forward pass under each runtime option (bench/lone.py)."""
     lines = [
         "## A lone short text's forward pass: the options",
         "",
@@ -185,13 +185,13 @@ def memory_section(memory) -> list[str]:
 
 
 def peers_section(peers, rows, short, base_tps, server_rss=None, default_mode=None) -> list[str]:
-    """The "Peers" section: fastembed and Infinity (service/bench/peers.py) beside ours, same corpus and run."""
+    """The "Peers" section: fastembed and Infinity (bench/peers.py) beside ours, same corpus and run."""
     mode = f"{default_mode[0]}/{default_mode[1]}" if default_mode else "default mode"
     lines = [
         "## Peers (`make bench PEERS=1`)",
         "",
         "fastembed and Infinity on the same corpus in the same run, each in its own virtual environment, offline, on the same",
-        "weights (the ONNX-based ones on our ONNX export of them); see service/bench/peers.py. c = concurrent callers, n = texts",
+        "weights (the ONNX-based ones on our ONNX export of them); see bench/peers.py. c = concurrent callers, n = texts",
         "per call. fastembed is a library (one caller, `embed(batch_size=n)`); Infinity in process is `AsyncEmbeddingEngine` with c",
         "concurrent `embed` calls; Infinity's REST server is driven by the same client as ours, directly (ours goes through Envoy).",
         "Peak RSS: the peer's process (for REST, its server); for ours, the server after every serving run. Our cosine is the",

@@ -1,6 +1,6 @@
-"""int8 against bf16 and fp32, judged on retrieval: `python -m service.bench.int8` writes bench/INT8.md.
+"""int8 against bf16 and fp32, judged on retrieval: `python -m bench.int8` writes bench/INT8.md.
 
-Fidelity, on the real-prose corpus of `service.bench.realtext` (≈ 6,400 evaluation texts, none of them seen by
+Fidelity, on the real-prose corpus of `bench.realtext` (≈ 6,400 evaluation texts, none of them seen by
 calibration or training): each mode embeds every text (the engine's tokenizer, mean pooling and normalization);
 the first 500 texts are the queries, the rest the documents; recall@10 is the overlap of each query's top-10
 documents under the mode with its top-10 under fp32; cosine is each text's cosine to its fp32 embedding.
@@ -76,7 +76,7 @@ class Corpus:
     """The tokenized evaluation texts, batched like the engine batches them."""
 
     def __init__(self, folder, texts: list[str], max_batch_tokens: int = 2048, seq_multiple: int = 16) -> None:
-        from ..engine.tokenizer import TextTokenizer
+        from service.engine.tokenizer import TextTokenizer
 
         tok = TextTokenizer(folder.tokenizer, folder.max_seq_length, folder.vocab_size, lowercase=folder.lowercase)
         toks = tok.encode(texts, truncate=True)
@@ -109,7 +109,7 @@ def feeds_for(compiled, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def embed(compiled, corpus: Corpus, folder) -> np.ndarray:
     """Every text's normalized, pooled embedding (single stream: fidelity, not speed)."""
-    from ..engine.pooling import l2_normalize, pool
+    from service.engine.pooling import l2_normalize, pool
 
     request = compiled.create_infer_request()
     out = np.zeros((corpus.n, folder.hidden_size * len(folder.pooling_modes)), np.float32)
@@ -165,8 +165,8 @@ def throughput(compiled, corpus: Corpus) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m service.bench.int8", description=__doc__.split("\n\n")[0])
-    from ..runtimes import int8 as int8mod
+    parser = argparse.ArgumentParser(prog="python -m bench.int8", description=__doc__.split("\n\n")[0])
+    from service.runtimes import int8 as int8mod
 
     default = ",".join(s for s, v in int8mod.SCHEMES.items() if v.kind == "ptq")
     parser.add_argument("--schemes", default=default, help=f"comma-separated int8 schemes, of {', '.join(int8mod.SCHEMES)} (default: {default})")
@@ -181,9 +181,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import openvino as ov
 
-    from ..config import default_model_path
-    from ..engine.folder import read_folder
-    from ..runtimes.export import onnx_model
+    from service.config import default_model_path
+    from service.engine.folder import read_folder
+    from service.runtimes.export import onnx_model
 
     env = environment()
     for k, v in env.items():
@@ -288,9 +288,9 @@ def report(env, corpus: Corpus, speed_corpus: Corpus, rows: dict[str, dict], arg
     lines = [
         "# int8 against bf16 and fp32, judged on retrieval",
         "",
-        f"Written by `python -m service.bench.int8` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. The bar for offering",
+        f"Written by `python -m bench.int8` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. The bar for offering",
         f"`precision: int8`: recall@10 ≥ {RECALL_BAR}, mean cosine ≥ {MEAN_COSINE_BAR} (both against fp32), and ≥ {SPEED_BAR}× the tokens/s of",
-        "bf16 (the default), on a CPU with AMX. How each number is measured: the docstring of service/bench/int8.py.",
+        "bf16 (the default), on a CPU with AMX. How each number is measured: the docstring of bench/int8.py.",
         "",
         "## Machine and versions",
         "",
@@ -298,7 +298,7 @@ def report(env, corpus: Corpus, speed_corpus: Corpus, rows: dict[str, dict], arg
         "| --- | --- |",
         *[f"| {k} | {v} |" for k, v in env.items()],
         "",
-        f"Fidelity corpus: the docstrings of Python's standard library (`service/bench/realtext.py`), {corpus.n:,} texts, {corpus.tokens:,} tokens"
+        f"Fidelity corpus: the docstrings of Python's standard library (`bench/realtext.py`), {corpus.n:,} texts, {corpus.tokens:,} tokens"
         f" (per text p50 {np.percentile(corpus.lengths, 50):.0f}, p90 {np.percentile(corpus.lengths, 90):.0f} tokens); {args.queries} queries against"
         f" the other {corpus.n - args.queries:,}. Speed: the first {speed_corpus.n:,} of them ({speed_corpus.tokens:,} tokens),"
         f" {args.reps} interleaved rounds.",
@@ -323,7 +323,7 @@ def report(env, corpus: Corpus, speed_corpus: Corpus, rows: dict[str, dict], arg
         "## Schemes explored before (not re-measured by this run)",
         "",
         "Same corpus and metric, int8 arithmetic exact unless said; 2026-11-24 on an AVX2-only 2-core machine, the last two",
-        "rows 2026-12-06 on the AMX one (see the comments on `HISTORY` in service/bench/int8.py).",
+        "rows 2026-12-06 on the AMX one (see the comments on `HISTORY` in bench/int8.py).",
         "",
         "| scheme | recall@10 | cosine mean | cosine min | × bf16 on AMX |",
         "| --- | ---: | ---: | ---: | --- |",

@@ -1,4 +1,4 @@
-"""`make bench-mpnet` / `python -m service.bench.second_model FOLDER`: the second real model, side by side in one run.
+"""`make bench-mpnet` / `python -m bench.second_model FOLDER`: the second real model, side by side in one run.
 
 all-mpnet-base-v2 (768-d, MPNet, 110M parameters) beside all-MiniLM-L6-v2 (384-d, 22M), both served by one server,
 each against its own baseline `SentenceTransformer.encode(batch_size=32)` in fp32 on the same corpus, in this run:
@@ -24,11 +24,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 
-from ..config import Config, ModelConfig, default_model_path  # noqa: E402
+from service.config import Config, ModelConfig, default_model_path  # noqa: E402
 from .clients import HttpClient, drive  # noqa: E402
 from .corpus import make_corpus  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 MPNET = "sentence-transformers/all-mpnet-base-v2"
 
@@ -101,7 +101,7 @@ def infinity(folder: str, corpus: list[str]) -> tuple[float, np.ndarray, dict] |
 async def bench(args) -> int:
     from tokenizers import Tokenizer
 
-    from ..launch import Stack
+    from service.launch import Stack
     from .__main__ import environment, peak_rss_mib
     from .load import server_pids
 
@@ -203,7 +203,7 @@ def render(rows: dict, tokens: dict, n: int, env: dict, rss: float, precision: s
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m service.bench.second_model", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.second_model", description=__doc__.split("\n\n")[0])
     p.add_argument("folder", help="the all-mpnet-base-v2 sentence-transformers folder (tests/second_model.py assembles it)")
     p.add_argument("--texts", type=int, default=1024)
     p.add_argument("--out", default=str(ROOT / "bench" / "MPNET.md"))

