@@ -75,7 +75,9 @@ function envoy_on_request(handle)
     handle:headers():replace("{REST_MARK}", path)
     -- Google's APIs also take the key as `?key=`: give it to the server as the header Gemini's clients send.
     if handle:headers():get("x-goog-api-key") == nil then
-      local key = string.match(handle:headers():get(":path") or "", "[?&]key=([^&]*)")
+      -- Only from the query string (a `&key=` inside the path is part of a name, not a key).
+      local query = string.match(handle:headers():get(":path") or "", "%?(.*)$")
+      local key = query and string.match("&" .. query, "&key=([^&]*)")
       if key ~= nil and key ~= "" then
         key = string.gsub(key, "%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end)
         -- Only printable ASCII can be a header value; anything else is no key (the server then says which is missing).
@@ -84,12 +86,7 @@ function envoy_on_request(handle)
         end
       end
     end
-    -- GET /v1/models[/...] is OpenAI's and Gemini's (models.list, models.get): a Google client's goes to Gemini's.
-    local p = handle:headers():get(":path") or ""
-    if handle:headers():get(":method") == "GET" and (string.find(p, "^/v1/models$") or string.find(p, "^/v1/models[/?]"))
-        and (handle:headers():get("x-goog-api-key") ~= nil or handle:headers():get("x-goog-api-client") ~= nil) then
-      handle:headers():replace(":path", "/v1beta" .. string.sub(p, 4))
-    end
+    {{GEMINI_MODELS}}
   end
 end
 
@@ -121,6 +118,21 @@ function envoy_on_response(handle)
   end
 end
 """
+
+
+# Where Gemini is served: GET /v1/models[/...] is OpenAI's and Gemini's (models.list, models.get), and a Google client's
+# (it sends x-goog-api-key, ?key= or x-goog-api-client) goes to Gemini's /v1beta/ binding.
+GEMINI_MODELS = """-- GET /v1/models[/...] is OpenAI's and Gemini's (models.list, models.get): a Google client's goes to Gemini's.
+    local p = handle:headers():get(":path") or ""
+    if handle:headers():get(":method") == "GET" and (string.find(p, "^/v1/models$") or string.find(p, "^/v1/models[/?]"))
+        and (handle:headers():get("x-goog-api-key") ~= nil or handle:headers():get("x-goog-api-client") ~= nil) then
+      handle:headers():replace(":path", "/v1beta" .. string.sub(p, 4))
+    end"""
+
+
+def lua(served: tuple[dialects.Dialect, ...]) -> str:
+    """The Lua filter's code for the dialects served."""
+    return LUA.replace("{GEMINI_MODELS}", GEMINI_MODELS if any(d.name == "gemini" for d in served) else "")
 
 
 def _not_grpc() -> dict[str, Any]:
@@ -331,7 +343,7 @@ def render(config: Config, upstreams: list[tuple[str, int]] | None = None, descr
                 "name": "envoy.filters.http.lua",
                 "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
-                    "default_source_code": {"inline_string": LUA},
+                    "default_source_code": {"inline_string": lua(served)},
                 },
             },
             # The transcoder streams a large body through instead of refusing it: this makes the limit real (413).

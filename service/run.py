@@ -71,7 +71,7 @@ def _bool(text: str) -> bool:
 
 def model_flags(args: argparse.Namespace) -> dict:
     return {"limits.max_batch_tokens": args.max_batch_tokens, "limits.max_client_batch_size": args.max_client_batch_size,
-            "limits.auto_truncate": True if args.auto_truncate else None,
+            "limits.auto_truncate": args.auto_truncate,  # false beats a file's or the environment's true
             "dialects.long_inputs.tei": "refuse" if args.auto_truncate is False else None}
 
 

@@ -34,3 +34,13 @@ def test_envoy_config_has_the_settings_the_transcoder_needs():
     cluster = doc["static_resources"]["clusters"][0]
     assert "http2_protocol_options" in str(cluster)  # gRPC upstream
     assert doc["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+
+
+def test_the_gemini_models_rewrite_is_there_only_with_gemini():
+    from service import dialects
+
+    assert "/v1beta" in envoy.lua(dialects.enabled(Config()))
+    off = Config()
+    off.dialects.disabled = ["gemini"]
+    code = envoy.lua(dialects.enabled(off))
+    assert "/v1beta" not in code and "{GEMINI_MODELS}" not in code

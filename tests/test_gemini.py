@@ -255,6 +255,17 @@ def test_list_pages(stack):
     google_error(requests.get(f"{stack.http_url}/v1beta/models", params={"pageToken": "junk"}, timeout=10), 400, "INVALID_ARGUMENT")
     google_error(requests.get(f"{stack.http_url}/v1beta/models", params={"pageSize": -1}, timeout=10), 400, "INVALID_ARGUMENT")
     google_error(requests.get(f"{stack.http_url}/v1beta/models", params={"pageToken": "99999999999999999999"}, timeout=10), 400, "INVALID_ARGUMENT")
+    # digits Python reads as digits but int() refuses, and a number past int()'s digit limit: 400s, never a 500
+    for token in ("²", "٣", "1" * 5000):
+        google_error(requests.get(f"{stack.http_url}/v1beta/models", params={"pageToken": token}, timeout=10), 400, "INVALID_ARGUMENT")
+
+
+def test_a_key_is_read_from_the_query_string_only(stack):
+    # `&key=` inside the path is part of a model name, not Google's ?key=: the GET stays OpenAI's
+    r = requests.get(f"{stack.http_url}/v1/models/x&key=abc", timeout=10)
+    assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text
+    # an unknown verb under /v1/models/...: Google's 404
+    google_error(requests.post(f"{stack.http_url}/v1/models/{MODEL}:countTokens", json={}, timeout=10), 404, "NOT_FOUND")
 
 
 def test_envoys_own_replies_name_their_status(stack):

@@ -230,3 +230,42 @@ async def test_a_huge_input_is_tokenized_only_as_far_as_it_is_read(engine):
     with pytest.raises(errors.ServiceError) as e:  # chunking: refused by its word count before any tokenizing
         await engine.embed(EmbedRequest(inputs=[huge], long_inputs="chunk"))
     assert e.value.reason == "INPUT_TOO_LONG" and "words" in e.value.message
+
+
+def test_a_callers_token_limit_cuts_the_text_never_the_prompt():
+    """Issue 30 review: Ollama's num_ctx and Cohere's max_tokens cut an input's text; its special tokens and the model's
+    prompt stay (as in a window), and a limit with no room for text is a 400, never the prompt alone."""
+    import numpy as np
+    import pytest
+
+    from service import errors
+    from service.engine.long_inputs import Tokenized, cap
+    from service.engine.tokenizer import Tokens
+
+    def one(ids):
+        out = Tokenized()
+        a = np.asarray(ids, dtype=np.int64)
+        out.add([Tokens(a, np.zeros_like(a))], a.tobytes())
+        return out
+
+    # [CLS] p1 p2 t1 … t6 [SEP]: prompt of 2 tokens, 6 of text; a limit of 6 keeps [CLS] p1 p2 + 2 of text + [SEP]
+    ids = [101, 7, 8, 1, 2, 3, 4, 5, 6, 102]
+    out = one(ids)
+    cap(out, 6, (1, 1), 2, "truncate", "right", "input", set())
+    assert out.items[0].ids.tolist() == [101, 7, 8, 1, 2, 102] and out.lengths == [6] and out.truncated == 1
+    assert out.keys[0] == np.asarray([101, 7, 8, 1, 2, 102], dtype=np.int64).tobytes()
+    out = one(ids)
+    cap(out, 6, (1, 1), 2, "truncate", "left", "input", set())
+    assert out.items[0].ids.tolist() == [101, 7, 8, 5, 6, 102]
+    out = one(ids)
+    cap(out, 6, (1, 1), 2, "truncate", "right", "input", {0})  # the model's limit cut it already: counted once
+    assert out.truncated == 0
+    with pytest.raises(errors.ServiceError) as e:
+        cap(one(ids), 4, (1, 1), 2, "truncate", "right", "input", set())
+    assert e.value.reason == "MAX_TOKENS_TOO_SMALL" and "take 4" in e.value.message
+    with pytest.raises(errors.ServiceError) as e:
+        cap(one(ids), 6, (1, 1), 2, "refuse", "right", "input", set())
+    assert e.value.reason == "context_length_exceeded"
+    fits = one([101, 1, 102])
+    cap(fits, 3, (1, 1), 0, "refuse", "right", "input", set())  # within the limit: as it is
+    assert fits.items[0].ids.tolist() == [101, 1, 102] and fits.truncated == 0

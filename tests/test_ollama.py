@@ -152,6 +152,13 @@ def test_a_model_is_required(stack):
     assert ollama_error(post(stack, "/api/embeddings", {"model": "", "prompt": "a"}), 400) == "model is required"
 
 
+def test_num_ctx_on_the_older_api(stack):
+    cut = post(stack, "/api/embeddings", {"model": MODEL, "prompt": LONG, "options": {"num_ctx": 16}}).json()["embedding"]
+    whole = post(stack, "/api/embeddings", {"model": MODEL, "prompt": LONG}).json()["embedding"]
+    assert len(cut) == 384 and not np.allclose(cut, whole)
+    assert "num_ctx" in ollama_error(post(stack, "/api/embeddings", {"model": MODEL, "prompt": "a", "options": {"num_ctx": "16"}}), 400)
+
+
 def test_num_ctx_reads_that_many_tokens(client, reference):
     # EmbedHandler: ctxLen = min(opts.NumCtx, the model's); an input past it is cut (truncate true), else a 400.
     resp = client.embed(model=MODEL, input=[LONG, "short text"], options={"num_ctx": 16})

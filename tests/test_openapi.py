@@ -182,6 +182,14 @@ def test_swagger_ui_tries_post_v1_embeddings_in_a_real_browser(stack):
     assert asked and all(u.startswith(stack.http_url) for u in asked), [u for u in asked if not u.startswith(stack.http_url)]
 
 
+def test_the_page_may_run_only_its_own_script(stack):
+    r = requests.get(stack.http_url + "/docs", timeout=10)
+    assert r.headers["x-content-type-options"] == "nosniff"
+    csp = r.headers["content-security-policy"]
+    assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp
+    assert requests.get(stack.http_url + "/docs/swagger-ui-bundle.js", timeout=10).headers["x-content-type-options"] == "nosniff"
+
+
 @pytest.mark.parametrize("path", ["/docs/..%2F..%2F..%2Fetc%2Fpasswd", "/docs/%2E%2E%2Fcore.py", "/docs/swagger-editor.js", "/docs/index.html",
                                   "/docs/swagger-ui.css.map", "/docs/" + "a" * 5000])
 def test_docs_serve_only_swagger_uis_own_files(stack, path):

@@ -136,6 +136,11 @@ def test_auto_truncate_is_the_truncate_default(stack, tmp_path_factory, referenc
 
     cfg = build_config(parser().parse_args(["--auto-truncate", "false"]))
     assert cfg.dialects.long_inputs["tei"] == "refuse" and cfg.limits.auto_truncate is False
+    os.environ["EMBED__LIMITS__AUTO_TRUNCATE"] = "true"  # the flag beats the environment (and a file)
+    try:
+        assert build_config(parser().parse_args(["--auto-truncate", "false"])).limits.auto_truncate is False
+    finally:
+        del os.environ["EMBED__LIMITS__AUTO_TRUNCATE"]
     assert build_config(parser().parse_args(["--auto-truncate"])).limits.auto_truncate is True
     off = stack_config()
     off.dialects.long_inputs["tei"] = "refuse"
@@ -223,6 +228,7 @@ def test_vertex_and_invocations(stack, reference):
     close(first, reference.encode(TEXTS[:2]))
     v = reference.encode(TEXTS[2])[:8]
     close(second, [v / np.linalg.norm(v)])
+    assert r.headers["x-compute-tokens"] == str(sum(len(reference.tokenizer(t)["input_ids"]) for t in TEXTS))  # all instances
     close(post(stack, "/invocations", {"inputs": TEXTS}).json(), reference.encode(TEXTS))
 
 

@@ -23,6 +23,7 @@ or `Authorization: Bearer`. Errors are Google's `{"error": {"code", "message", "
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from typing import Any
 
@@ -51,8 +52,9 @@ TASK_TYPES: dict[str, tuple[str, ...]] = {
 }
 MODELS = "models/"
 # google.rpc.Code names by the HTTP status Google answers with.
-STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND", 409: "ABORTED",
-          429: "RESOURCE_EXHAUSTED", 499: "CANCELLED", 500: "INTERNAL", 501: "UNIMPLEMENTED", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND", 405: "UNIMPLEMENTED",
+          408: "DEADLINE_EXCEEDED", 409: "ABORTED", 413: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 499: "CANCELLED",
+          500: "INTERNAL", 501: "UNIMPLEMENTED", 502: "UNAVAILABLE", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
 MISSING_KEY = ("Method doesn't allow unregistered callers (callers without established identity). "
                "Please use API Key or other form of API consumer identity to call this API.")
 INVALID_KEY = "API key not valid. Please pass a valid API key."
@@ -182,7 +184,7 @@ def page(names: list[str], request: pb.GeminiListModelsRequest) -> tuple[list[st
     size = min(request.page_size or PAGE_SIZE, MAX_PAGE_SIZE)
     start = 0
     if request.page_token:
-        if not request.page_token.isdigit() or int(request.page_token) > len(names):
+        if not re.fullmatch(r"[0-9]{1,9}", request.page_token) or int(request.page_token) > len(names):
             raise errors.invalid_argument("Invalid page token.", "page_token")
         start = int(request.page_token)
     end = start + size
@@ -250,7 +252,7 @@ DIALECT = Dialect(
     http_status=http_status,
     # `/v1/models/` as a prefix would also claim OpenAI's `GET /v1/models/{model}`: only the `:verb` paths (a `^` regex).
     # Body-parse errors are Google's in any case, matched by the service name once the transcoder has rewritten the path.
-    rest_prefixes=("/v1beta/", r"^/v1/models/[^?]*:(embedContent|batchEmbedContents)(\?.*)?$"),
+    rest_prefixes=("/v1beta/", r"^/v1/models/[^?]*:[A-Za-z]+(\?.*)?$"),
     envoy_error_body={"error": {"code": "%RESPONSE_CODE%", "message": "%LOCAL_REPLY_BODY%", "status": "%STATUS_NAME%"}},
     envoy_status_names=STATUS,
     doc={"api": "Google Gemini API embeddings", "routes": "`POST /v1beta/models/{model}:embedContent`, `…:batchEmbedContents`, `GET /v1beta/models[/{model}]` (and under `/v1/`)",

@@ -145,12 +145,18 @@ def legacy_to_core(data: dict[str, Any], call: rpc.Call) -> EmbedRequest:
         raise _legacy_error(errors.invalid_argument("prompt and model must be strings", "prompt"))
     if not (model or "").strip():
         raise _legacy_error(errors.invalid_argument("model is required", "model", "MODEL_REQUIRED"))
+    options = data.get("options")
+    try:
+        max_tokens = num_ctx(options if isinstance(options, dict) else None)
+    except errors.ServiceError as err:
+        raise _legacy_error(err) from None
     return EmbedRequest(
         inputs=[prompt] if prompt else [],
         model=model or "",
         # The model's raw pooled vector, as Ollama's /api/embeddings answers (its /api/embed normalizes).
         normalize=False,
         truncate=True,
+        max_tokens=max_tokens,
         deadline=call.deadline,
         param="prompt",
         echo={"api": LEGACY},
@@ -233,6 +239,7 @@ class OllamaServicer:
         self.embedder = embedder
         self.started = datetime.now(timezone.utc).isoformat()
         self._tags: dict[str, Any] | None = None
+        self._facts_by_path: dict[str, tuple[int, str, int]] = {}
 
     async def Embed(self, raw: bytes, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:  # noqa: N802
         async def work() -> httpbody_pb2.HttpBody:
@@ -262,16 +269,22 @@ class OllamaServicer:
 
     def _facts(self, name: str) -> tuple[int, str, int]:
         """A model's size in bytes, family and parameters; a loaded model's own folder, another's looked up in its cache
-        without checking it (no hashing here); nothing for a model the cache no longer holds, or a provider's."""
+        without checking it (no hashing here); nothing for a model the cache no longer holds, or a provider's. Read once
+        per folder (a folder's files do not change under a running server)."""
         config = self.embedder.registry.config(name)
         if config.provider:
             return 0, "", 0
         _, served = self.embedder.registry.peek(name)
         try:
             path = getattr(served, "path", "") or config.resolved_path()
-            return (*_folder_facts(path), _parameter_count(path))
         except Exception:
             return 0, "", 0
+        if path not in self._facts_by_path:
+            try:
+                self._facts_by_path[path] = (*_folder_facts(path), _parameter_count(path))
+            except Exception:
+                return 0, "", 0
+        return self._facts_by_path[path]
 
     def _details(self, family: str, parameters: int) -> dict[str, Any]:
         return {"parent_model": "", "format": "safetensors", "family": family, "families": [family] if family else None,

@@ -52,6 +52,12 @@ def static_dir() -> Path:
     return Path(swagger_ui.__file__).parent / "static"
 
 
+# The page runs Swagger UI's script and its one inline call, from here only; nothing may frame it.
+HEADERS = (("x-content-type-options", "nosniff"),
+           ("content-security-policy", "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+                                       "img-src 'self' data:; frame-ancestors 'none'"))
+
+
 class ReferenceServicer:
     def __init__(self, document: dict) -> None:
         self.document = httpbody_pb2.HttpBody(content_type="application/json", data=orjson.dumps(document))
@@ -62,7 +68,11 @@ class ReferenceServicer:
         return await rpc.handle(context, DIALECT, _constant(self.document))
 
     async def Page(self, raw: bytes, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:  # noqa: N802
-        return await rpc.handle(context, DIALECT, _constant(self.page))
+        async def work() -> httpbody_pb2.HttpBody:
+            await context.send_initial_metadata(HEADERS)
+            return self.page
+
+        return await rpc.handle(context, DIALECT, work)
 
     async def Asset(self, raw: bytes, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:  # noqa: N802
         async def work() -> httpbody_pb2.HttpBody:
@@ -72,6 +82,7 @@ class ReferenceServicer:
                 raise errors.ServiceError(grpc.StatusCode.NOT_FOUND, f"No such file: {request.file[:80]!r}.", reason="NOT_FOUND")
             if request.file not in self.assets:  # read once, on first use (1.5 MB of script)
                 self.assets[request.file] = httpbody_pb2.HttpBody(content_type=kind, data=(static_dir() / request.file).read_bytes())
+            await context.send_initial_metadata(HEADERS[:1])
             return self.assets[request.file]
 
         return await rpc.handle(context, DIALECT, work)

@@ -38,6 +38,8 @@ class Tokenized:
     keys: list[bytes] = field(default_factory=list)
     truncated: int = 0
     chunked: int = 0
+    # The inputs (by position) cut to the model's limit (`truncated` counts them).
+    cut: set[int] = field(default_factory=set)
     # Per input: its tokens (what usage reports), counted once: a chunked input's windows repeat its special tokens,
     # its prompt and `limits.chunk_overlap_tokens`, which no API bills (1,000 words were 1,138 tokens in windows).
     lengths: list[int] = field(default_factory=list)
@@ -228,6 +230,7 @@ def tokenize(
         if policy == "truncate":
             if enc.overflowing:
                 out.truncated += 1
+                out.cut.add(len(out.groups))
             out.add([Tokens(ids, np.asarray(enc.type_ids, dtype=np.int64))], ids.tobytes())
             continue
         _place(out, ids, np.asarray(enc.type_ids, dtype=np.int64), enc.special_tokens_mask, policy, limit, param, offset + i,
@@ -236,24 +239,32 @@ def tokenize(
     return out
 
 
-def cap(out: Tokenized, max_tokens: int, specials: tuple[int, int], policy: str, direction: str, param: str, model_limit: int) -> None:
+def cap(out: Tokenized, max_tokens: int, specials: tuple[int, int], prompt_tokens: int, policy: str, direction: str, param: str,
+        cut_before: set[int]) -> None:
     """A caller's own limit below the model's (Ollama's num_ctx, Cohere's max_tokens), on inputs already placed whole:
-    an input past `max_tokens` tokens is cut to them from `direction`, its special tokens kept (`specials`: how many it
-    starts and ends with), or refused. One the model's limit (`model_limit`) cut already was counted then."""
+    an input past `max_tokens` tokens is cut to them, or refused. What is cut is the text, from `direction`: the special
+    tokens (`specials`: how many an input starts and ends with) and the model's prompt (`prompt_tokens`, after the
+    leading special ones) stay, as in a window (`windows`); a limit that leaves no token of text is a 400. `cut_before`:
+    the inputs the model's own limit already cut (counted as truncated then)."""
     lead, trail = specials
-    keep = max(max_tokens, lead + trail + 1) - lead - trail  # at least one token of text
+    fixed = lead + prompt_tokens + trail
+    keep = max_tokens - fixed
     for i, group in enumerate(out.groups):
         tokens = out.items[group[0]]
-        if len(group) != 1 or len(tokens.ids) <= max(max_tokens, lead + trail + 1):
+        if len(group) != 1 or len(tokens.ids) <= max_tokens:
             continue
+        if keep < 1:
+            raise errors.invalid_argument(
+                f"A limit of {max_tokens} tokens leaves no room for text: this model's special tokens and prompt take "
+                f"{fixed}.", param, "MAX_TOKENS_TOO_SMALL")
         if policy == "refuse":
             raise _longer_than_model(i, len(tokens.ids), max_tokens, param, limit_of="this request")
-        body = slice(lead, len(tokens.ids) - trail)
-        text_ids, text_types = tokens.ids[body], tokens.type_ids[body]
+        head, end = lead + prompt_tokens, len(tokens.ids) - trail
+        text_ids, text_types = tokens.ids[head:end], tokens.type_ids[head:end]
         part = slice(len(text_ids) - keep, None) if direction == "left" else slice(0, keep)
-        ids = np.concatenate([tokens.ids[:lead], text_ids[part], tokens.ids[len(tokens.ids) - trail:]])
-        types = np.concatenate([tokens.type_ids[:lead], text_types[part], tokens.type_ids[len(tokens.ids) - trail:]])
-        if len(tokens.ids) < model_limit:
+        ids = np.concatenate([tokens.ids[:head], text_ids[part], tokens.ids[end:]])
+        types = np.concatenate([tokens.type_ids[:head], text_types[part], tokens.type_ids[end:]])
+        if i not in cut_before:
             out.truncated += 1
         out.items[group[0]] = dataclasses.replace(tokens, ids=ids, type_ids=types)
         out.keys[i] = ids.tobytes()
@@ -289,6 +300,7 @@ def from_ids(
         if policy == "truncate":
             if len(ids) > limit:
                 out.truncated += 1
+                out.cut.add(len(out.groups))
                 ids = ids[-limit:] if direction == "left" else ids[:limit]
             out.add([Tokens(ids, np.zeros_like(ids))], ids.tobytes())
             continue

@@ -394,8 +394,9 @@ class Embedder:
                 # 116-117 -> 125-131 ms (a switch interval of 1 ms did not win it back).
                 await loop.run_in_executor(self.executor, chunk, start)
         if req.max_tokens is not None and req.max_tokens < model.tokenizer.max_seq_length and policy != "chunk":
-            long_inputs.cap(out, req.max_tokens, model.tokenizer.specials if isinstance(req.inputs[0], str) else (0, 0), policy,
-                            req.truncation_direction, req.param, model.tokenizer.max_seq_length)
+            text = isinstance(req.inputs[0], str)  # token ids come as given: no special tokens or prompt added
+            long_inputs.cap(out, req.max_tokens, model.tokenizer.specials if text else (0, 0), prompt_tokens if text else 0, policy,
+                            req.truncation_direction, req.param, out.cut)
         if req.token_embeddings:
             values = sum(len(t) for t in out.items) * model.runtime.hidden_size
             if values > limits.max_output_values:

@@ -59,7 +59,8 @@ class TextTokenizer:
         # How many special tokens an encoded text starts and ends with ([CLS] … [SEP]: 1 and 1).
         mask = self._variants["none"].encode("a").special_tokens_mask
         lead = next((i for i, m in enumerate(mask) if not m), len(mask))
-        self.specials = (lead, len(mask) - lead - 1 if lead < len(mask) else 0)
+        trail = next((i for i, m in enumerate(reversed(mask)) if not m), 0) if lead < len(mask) else 0
+        self.specials = (lead, trail)
 
     def encode(self, texts: list[str], truncate: bool, direction: str = "right", param: str = "input", offset: int = 0) -> list[Tokens]:
         """Tokenizes `texts`; an input over the model's limit is cut from `direction` or refused (named by `offset + i`)."""
