@@ -1,6 +1,6 @@
 """int8 against bf16 and fp32, judged on retrieval: `python -m bench.int8` writes bench/INT8.md.
 
-Fidelity, on the real-prose corpus of `bench.realtext` (≈ 6,400 evaluation texts, none of them seen by
+Fidelity, on the real-prose corpus of `service.runtimes.realtext` (≈ 6,400 evaluation texts, none of them seen by
 calibration or training): each mode embeds every text (the engine's tokenizer, mean pooling and normalization);
 the first 500 texts are the queries, the rest the documents; recall@10 is the overlap of each query's top-10
 documents under the mode with its top-10 under fp32; cosine is each text's cosine to its fp32 embedding.
@@ -40,7 +40,7 @@ import numpy as np
 
 sys.modules.setdefault("openvino_telemetry", None)  # as the server does: no telemetry
 
-from . import realtext
+from service.runtimes import realtext
 
 RECALL_BAR, MEAN_COSINE_BAR, SPEED_BAR = 0.97, 0.99, 1.5
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
@@ -298,7 +298,7 @@ def report(env, corpus: Corpus, speed_corpus: Corpus, rows: dict[str, dict], arg
         "| --- | --- |",
         *[f"| {k} | {v} |" for k, v in env.items()],
         "",
-        f"Fidelity corpus: the docstrings of Python's standard library (`bench/realtext.py`), {corpus.n:,} texts, {corpus.tokens:,} tokens"
+        f"Fidelity corpus: the docstrings of Python's standard library (`service/runtimes/realtext.py`), {corpus.n:,} texts, {corpus.tokens:,} tokens"
         f" (per text p50 {np.percentile(corpus.lengths, 50):.0f}, p90 {np.percentile(corpus.lengths, 90):.0f} tokens); {args.queries} queries against"
         f" the other {corpus.n - args.queries:,}. Speed: the first {speed_corpus.n:,} of them ({speed_corpus.tokens:,} tokens),"
         f" {args.reps} interleaved rounds.",

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .realtext import _SKIP_PARTS, _is_prose
+from service.runtimes.realtext import _SKIP_PARTS, _is_prose
 
 MIN_TOKENS, MAX_TOKENS = 600, 4000
 

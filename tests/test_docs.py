@@ -45,3 +45,17 @@ def test_the_configuration_reference_covers_every_section():
     table = docs.config_reference()
     for key in ("`dialects.long_inputs`", "`dialects.disabled`", "`providers[].base_url`", "`providers[].api_key_env`", "`models[].repo`"):
         assert key in table, key
+
+
+def test_the_service_never_imports_the_bench():
+    """Issue 29.4: bench/ (benchmarks, peers, the load test) is not part of what serves requests."""
+    import re
+    import subprocess
+    import sys
+
+    for path in (ROOT / "service").rglob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"(?m)^\s*(from bench\b|import bench\b|from \.+bench\b)", text), path
+    assert not (ROOT / "service" / "bench").exists()
+    done = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "python -m bench" in done.stdout, done.stderr[-500:]

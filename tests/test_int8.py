@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench import realtext
+from service.runtimes import realtext
 from bench.int8 import Corpus, embed, retrieval
 from service.config import default_model_path
 from service.engine.folder import read_folder

@@ -1,7 +1,7 @@
 """int8 models for OpenVINO: quantized at first use, in a child process, cached on disk like the ONNX export.
 
 Every scheme starts from the same fp32 ONNX export (`export.onnx_model`) and is judged the same way
-(`python -m bench.int8`): on the real-prose corpus of `bench.realtext`, the top-10 neighbours of
+(`python -m bench.int8`): on the real-prose corpus of `service.runtimes.realtext`, the top-10 neighbours of
 500 held-out queries under int8 against those under fp32 (recall@10 ≥ 0.97), and cosine to fp32 (mean ≥ 0.99).
 Calibration and training use `realtext.calibration_texts()`, never the texts the scheme is judged on.
 
@@ -115,7 +115,7 @@ def _calibration_tokens(folder: str, n: int):
     """The first `n` calibration texts, tokenized as the engine tokenizes them (`folder`: the transformer's)."""
     from tokenizers import Tokenizer
 
-    from ..bench import realtext
+    from . import realtext
     from ..engine.tokenizer import TextTokenizer
 
     config = json.loads((Path(folder) / "config.json").read_text())

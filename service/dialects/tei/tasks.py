@@ -156,12 +156,13 @@ class TeiTasksServicer(TeiHttpServicer):
             # All at once: the engine batches the instances' inputs together, as one /embed of them all would be.
             results = await asyncio.gather(*(self.embedder.embed(core) for core in cores))
             slowest = max(results, key=lambda r: r.timings.total)
-            merged = dataclasses.replace(slowest, vectors=np.concatenate([r.vectors for r in results]),
+            # One result for the headers (instances may differ in `dimensions`: only their count is taken).
+            merged = dataclasses.replace(slowest, vectors=np.empty((sum(len(r.vectors) for r in results), 0), dtype=np.float32),
                                          token_counts=[c for r in results for c in r.token_counts],
                                          cache_hits=sum(r.cache_hits for r in results), usage_tokens=None,
                                          truncated=sum(r.truncated for r in results), chunked=sum(r.chunked for r in results))
             await respond(context, merged, sum(c.echo["chars"] for c in cores))
             predictions = [r.vectors for r in results]
-            return await rpc.encode(predictions_body, merged.vectors.size, predictions)
+            return await rpc.encode(predictions_body, sum(r.vectors.size for r in results), predictions)
 
         return await rpc.handle(context, dialect(), work)
