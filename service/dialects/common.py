@@ -115,6 +115,14 @@ def token_ids(values: Any, where: str, param: str) -> np.ndarray:
     return arr.astype(np.int64)
 
 
+def constant(body: httpbody_pb2.HttpBody):
+    """The `work` of a method whose answer never changes (Ollama's version, the API reference's document)."""
+    async def work() -> httpbody_pb2.HttpBody:
+        return body
+
+    return work
+
+
 def as_message(message: Any, call: Any) -> Any:
     """A `to_core` for methods whose parsed message is all they need."""
     return message

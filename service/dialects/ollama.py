@@ -44,7 +44,7 @@ from .. import auth, errors, rpc
 from ..engine.pipeline import EmbedRequest, Embedder
 from . import Dialect
 from ._shared import cut, served_model
-from .common import add_servicer, as_message, count_inputs, json_body, value
+from .common import add_servicer, as_message, constant, count_inputs, json_body, value
 
 # The Ollama release whose API this dialect follows (`/api/embed` with `dimensions` and `truncate`); clients that
 # check the server's version before using a feature see one that has it.
@@ -348,17 +348,11 @@ class OllamaServicer:
         return await rpc.handle(context, DIALECT, work)
 
     async def Version(self, raw: bytes, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:  # noqa: N802
-        return await rpc.handle(context, DIALECT, _constant(json_body({"version": OLLAMA_VERSION})))
+        return await rpc.handle(context, DIALECT, constant(json_body({"version": OLLAMA_VERSION})))
 
     async def Root(self, raw: bytes, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:  # noqa: N802
-        return await rpc.handle(context, DIALECT, _constant(httpbody_pb2.HttpBody(content_type="text/plain; charset=utf-8", data=b"Ollama is running")))
+        return await rpc.handle(context, DIALECT, constant(httpbody_pb2.HttpBody(content_type="text/plain; charset=utf-8", data=b"Ollama is running")))
 
-
-def _constant(body: httpbody_pb2.HttpBody):
-    async def work() -> httpbody_pb2.HttpBody:
-        return body
-
-    return work
 
 
 DIALECT = Dialect(

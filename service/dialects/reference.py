@@ -18,7 +18,7 @@ from embedding.dialects.v1 import reference_pb2 as pb
 
 from .. import errors, openapi, rpc
 from . import Dialect, enabled
-from .common import add_servicer, as_message
+from .common import add_servicer, as_message, constant
 
 SERVICE = pb.DESCRIPTOR.services_by_name["ApiReference"]
 # The only files served under /docs/: Swagger UI's, by name (nothing else of the package, no path is joined).
@@ -65,7 +65,7 @@ class ReferenceServicer:
         self.assets: dict[str, httpbody_pb2.HttpBody] = {}
 
     async def OpenApi(self, raw: bytes, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:  # noqa: N802
-        return await rpc.handle(context, DIALECT, _constant(self.document))
+        return await rpc.handle(context, DIALECT, constant(self.document))
 
     async def Page(self, raw: bytes, context: grpc.aio.ServicerContext) -> httpbody_pb2.HttpBody:  # noqa: N802
         async def work() -> httpbody_pb2.HttpBody:
@@ -87,12 +87,6 @@ class ReferenceServicer:
 
         return await rpc.handle(context, DIALECT, work)
 
-
-def _constant(body: httpbody_pb2.HttpBody):
-    async def work() -> httpbody_pb2.HttpBody:
-        return body
-
-    return work
 
 
 def _add(server: grpc.aio.Server, embedder, config) -> None:
