@@ -253,6 +253,40 @@ async def test_padding_is_counted_in_widths_so_inputs_of_one_width_always_join(r
         b.stop(5)
 
 
+class LoneWidthsRuntime(SixteenRuntime):
+    """Pads to 16, with models compiled for a lone input of width 16, 24 or 32, as OpenVINO's runtime has."""
+
+    lone_widths = (16, 24, 32)
+
+    def forward(self, input_ids, attention_mask, token_type_ids, *, alone=True):
+        self.alone = alone
+        return super().forward(input_ids, attention_mask, token_type_ids, alone=alone)
+
+
+async def test_a_lone_input_runs_at_the_narrowest_lone_width_that_holds_it_and_a_batch_at_the_multiple():
+    """A 20-token query alone is padded to 24 (a model compiled for [1, 24]), not 32; 33 tokens alone has no lone width
+    and runs at 48; two inputs together run at the multiple of 16 even when one lone width would hold both."""
+    rt = LoneWidthsRuntime()
+    b = Batcher("lone", rt, first_token_head, 2, 0, max_batch_tokens=100_000, max_batch_size=64, max_width=256)
+    b.start()
+    try:
+        loop = asyncio.get_running_loop()
+        for first, length, width in ((1, 20, 24), (2, 9, 16), (3, 24, 24), (4, 25, 32), (5, 33, 48)):
+            job = Job([tokens(first, length)], False, loop)
+            b.submit(job)
+            await asyncio.wait_for(job.future, 5)
+            assert rt.batches[-1] == (1, width, [first]) and rt.alone
+            assert job.pooled[0].tolist() == [first, length]  # the padding is masked: the row saw its own length
+        blocker = await hold_worker(b, rt, loop)
+        job = Job([tokens(6, 20), tokens(7, 22)], False, loop)
+        b.submit(job)
+        rt.gate.set()
+        await asyncio.wait_for(asyncio.gather(blocker.future, job.future), 5)
+        assert rt.batches[-1] == (2, 32, [6, 7])
+    finally:
+        b.stop(5)
+
+
 class FastTwoStreamRuntime(GatedRuntime):
     """Two streams, no sleep: batches of one request finish on both threads at nearly the same moment."""
 

@@ -377,6 +377,8 @@ class Batcher:
         n = len(batch)
         longest = max(e.key[0] for e in batch)
         width = self.width(longest)
+        if alone and n == 1:  # a lone input runs on the runtime's model for the narrowest lone width that holds it
+            width = next((w for w in self.runtime.lone_widths if longest <= w <= width), width)
         ids = np.full((n, width), self.pad_id, dtype=np.int64)
         mask = np.zeros((n, width), dtype=np.int64)
         types = np.zeros((n, width), dtype=np.int64)

@@ -25,6 +25,9 @@ class Runtime(ABC):
     #: pad the sequence length of a batch up to a multiple of this: runtimes that keep state per input shape
     #: (OpenVINO's kernel and memory caches grew past 1 GiB with every distinct length) see few shapes
     seq_multiple: int = 1
+    #: widths a lone input (one input, `alone`) runs at on a model compiled for [1, width]: the batcher pads such an
+    #: input to the narrowest that holds it, instead of to `seq_multiple`
+    lone_widths: tuple[int, ...] = ()
 
     @abstractmethod
     def forward(

@@ -14,7 +14,10 @@ client, Envoy, gRPC), and on a shared host the caches go cold in that gap: measu
 product takes 1.7 ms back to back and 3.2 ms after a 5 ms gap, and the dynamic model's 1 × 16 forward pass
 1.6 ms back to back, 3.2-3.6 ms after a 5 ms sleep. The static model does less work per pass (no shape
 inference, kernels chosen at compile time) and its advantage grows when cold: 1 × 16 1.3 ms back to back and
-2.6-2.8 ms after the gap, 1 × 32 1.7 and 3.3-3.5 (dynamic 3.9-4.3). Each costs ~52 MiB of RSS.
+2.6-2.8 ms after the gap, 1 × 32 1.7 and 3.3-3.5 (dynamic 3.9-4.3). Each costs ~52 MiB of RSS. Widths 16, 24 and 32:
+where the forward pass is bound by arithmetic (fp32 on AVX2: an AMD EPYC's two cores), a lone pass costs with its width
+(after a 3 ms gap, p50: 1 × 16 7.7-8.1 ms, 1 × 24 8.9-9.4, 1 × 32 11.2), and a 10-16-word query is 17-24 tokens as
+often as not, so the 24 saves such a query ~2 ms over padding it to 32.
 """
 
 from __future__ import annotations
@@ -64,7 +67,8 @@ class OpenVinoRuntime(Runtime):
     # Measured: with every distinct length RSS kept growing (1.07 GB after 600 shapes); padded to 16, flat at 0.63 GB.
     seq_multiple = 16
     # Widths a lone input runs at on a static-shape model (10-16 English words are 14-24 tokens with [CLS] and [SEP]).
-    LONE_WIDTHS = (16, 32)
+    LONE_WIDTHS = (16, 24, 32)
+    lone_widths = LONE_WIDTHS
 
     def __init__(self, folder: str, precision: str, threads: int, hidden_size: int) -> None:
         if precision not in (*_PRECISION_HINT, "int8"):
