@@ -28,7 +28,7 @@ BASE_IMAGE ?=
 BUILD_FLAGS ?=
 CONTAINER_TOOL ?= $(shell command -v podman || command -v docker)
 
-.PHONY: run test test-image image gen venv bench bench-mpnet load docs deploy clean
+.PHONY: run test test-image image gen venv bench bench-mpnet bench-cpu load docs deploy clean
 
 run: $(GEN_STAMP)  ## start server + Envoy (MODEL_ID=hub-id-or-folder, ARGS="--help" for every flag; Ctrl-C stops both)
 	$(PY) -m service.run --replicas $(or $(REPLICAS),1) $(foreach m,$(MODEL_ID),--model-id $(m)) $(ARGS)
@@ -97,6 +97,9 @@ $(GEN_STAMP): $(STAMP) $(PROTOS)
 bench: $(GEN_STAMP) $(if $(PEERS),$(PEERS_STAMPS))  ## throughput and latency against the baselines (PEERS=1: and fastembed, Infinity); writes bench/RESULTS.md and bench/MPNET.md
 	$(PY) -m bench $(if $(PEERS),--peers) $(ARGS)
 	$(MAKE) --no-print-directory bench-mpnet ARGS=
+
+bench-cpu: $(GEN_STAMP)  ## what a request costs the server's CPU by shape, a short text against plain encode, a bulk stream against the engine; writes bench/CPU.md
+	$(PY) -m bench.cpu $(ARGS)
 
 bench-mpnet: $(GEN_STAMP) $(if $(PEERS),$(PEERS_STAMPS))  ## all-mpnet-base-v2 beside MiniLM, each against its baseline (PEERS=1: and Infinity); writes bench/MPNET.md
 	$(PY) -m bench.second_model "$$($(PY) -m tests.second_model)" $(ARGS)

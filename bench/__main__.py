@@ -363,6 +363,9 @@ async def bench(args) -> int:
     # Where a short text's time goes: the same new texts on every layer, from the inside out (bench/stages.py).
     stage_texts = short_texts(corpus, args.stage_texts)
     served = await registry.get(mcfg.id)
+    from . import cpu as cpu_bench
+
+    plain = cpu_bench.plain_latency(stage_texts)  # target 2's baseline: plain encode of the same new texts
     stage = {"forward pass (runtime alone)": await forward_only(served, stage_texts),
              "forward pass alone, 3 ms idle before each (as served)": await forward_only(served, stage_texts, idle=0.003),
              "engine in process": await engine_latency(embedder, stage_texts)}
@@ -415,6 +418,9 @@ async def bench(args) -> int:
         for name, p50, p99, added in stages:
             print(f"   {name:42} p50 {p50:6.2f} ms  p99 {p99:6.2f} ms" + (f"  ({added:+.2f} ms)" if added == added else ""), flush=True)
 
+        print("== per server CPU: a lone request against its share of a batch (bench/cpu.py)", flush=True)
+        cpu = await cpu_bench.measure(stack, corpus[:1024], mcfg.id)
+
         print("== many clients, one text each, through Envoy REST", flush=True)
         for c in (128,):
             run = await rest_run(stack.config.envoy.listen_port, corpus, c, 1, f"REST c={c} n=1", mcfg.id)
@@ -450,7 +456,8 @@ async def bench(args) -> int:
 
     write_report(args.out, args.plot, env, corpus_stats=(len(corpus), tokens, lengths), rows=rows, short=short,
                  server_rss=server_rss, default_mode=default_mode, base_tps=base_tps, peers=peers,
-                 stages=stages, bulk=bulk, long_docs=long_docs, memory=memory, lone=lone)
+                 stages=stages, bulk=bulk, long_docs=long_docs, memory=memory, lone=lone, cpu=cpu,
+                 short_vs_plain=(plain, stage["REST through Envoy"], server_times))
     print(f"== wrote {args.out} and {args.plot}")
     return 0
 

@@ -9,7 +9,7 @@ import numpy as np
 
 
 def write_report(out, plot, env, corpus_stats, rows, short, server_rss, default_mode, base_tps, peers=None,
-                 stages=None, bulk=None, long_docs=None, memory=None, lone=None) -> None:
+                 stages=None, bulk=None, long_docs=None, memory=None, lone=None, cpu=None, short_vs_plain=None) -> None:
     n_texts, tokens, lengths = corpus_stats
     lines = [
         "# Benchmark results",
@@ -63,6 +63,14 @@ def write_report(out, plot, env, corpus_stats, rows, short, server_rss, default_
     lines += ["", f"Server peak RSS (VmHWM) after all serving runs: **{server_rss:.0f} MiB**.", ""]
     if stages:
         lines += stages_section(stages)
+    if short_vs_plain:
+        from .cpu import short_lines
+
+        lines += short_lines(*short_vs_plain)
+    if cpu:
+        from .cpu import section
+
+        lines += section(cpu)
     if lone:
         lines += lone_section(lone)
     lines += many_clients_section(rows)
@@ -172,6 +180,9 @@ def bulk_section(bulk, rows) -> list[str]:
             f"| the engine in process (reference) | {engine_cpu:,.0f} | |",
             "",
         ]
+        from .cpu import bulk_lines
+
+        lines += bulk_lines(bulk)
     return lines
 
 

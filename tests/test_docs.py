@@ -59,3 +59,25 @@ def test_the_service_never_imports_the_bench():
     assert not (ROOT / "service" / "bench").exists()
     done = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "python -m bench" in done.stdout, done.stderr[-500:]
+
+
+def test_the_cpu_bench_names_what_the_event_loop_spent_its_samples_on():
+    """bench/cpu.py splits the event loop's CPU by the deepest frame of ours in each py-spy sample (`make bench-cpu`)."""
+    import subprocess
+    import sys
+
+    from bench.cpu import categorize
+
+    loop = "thread (101): MainThread;<module> (service/__main__.py:92);BaseEventLoop._run_once (asyncio/base_events.py:1922)"
+    raw = "\n".join([
+        f"{loop};Handle._run (asyncio/events.py:95) 7",
+        f"{loop};Handle._run (asyncio/events.py:95);handle (service/rpc.py:152);Embedder.embed (service/engine/pipeline.py:120);"
+        "AsciiWordPiece.encode (service/engine/wordpiece.py:80) 3",
+        f"{loop};handle (service/rpc.py:152);respond (service/rpc.py:140);result_headers (service/rpc.py:110) 2",
+        f"{loop};GateInterceptor.intercept_service (service/interceptors.py:60);is_loopback (service/interceptors.py:45) 1",
+        "thread (102): tokenize_0;Thread.run (threading.py:982);AsciiWordPiece.encode (service/engine/wordpiece.py:80) 50",
+        "not a sample",
+    ])
+    assert categorize(raw) == {"gRPC aio and the event loop": 7, "tokenizing (fast path)": 3, "serializing the answer": 2, "interceptors": 1}
+    done = subprocess.run([sys.executable, "-m", "bench.cpu", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "python -m bench.cpu" in done.stdout, done.stderr[-500:]

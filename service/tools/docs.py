@@ -122,7 +122,7 @@ def figures() -> dict[str, str]:
     results = (BENCH / "RESULTS.md").read_text()
     t = _tables(results)
     runtimes = t["Runtimes (engine in process, concurrency 32, 32 texts per request)"]
-    serving = t["Serving the default mode (openvino/bf16)"]
+    serving = next(rows for title, rows in t.items() if title.startswith("Serving the default mode ("))
     single = t["A single short text (14 tokens), concurrency 1"]
     peers = t.get("Peers (`make bench PEERS=1`)", [])
     machine = dict(re.findall(r"(?m)^\| (cpu|cores) \| (.+?) \|$", results))
@@ -137,7 +137,8 @@ def figures() -> dict[str, str]:
         "results.date": re.search(r"Written by `make bench` on ([^.]+)\.", results).group(1),
         "results.cpu": f"{machine['cpu']}, {machine['cores']} cores",
         "results.baseline": _row(runtimes, **{"runtime / precision": "**baseline**: SentenceTransformer.encode, batch 32, fp32"})["tokens/s"],
-        "results.runtime_bf16": (lambda r: f"{r['tokens/s']} ({r['× baseline']}×)")(_row(runtimes, **{"runtime / precision": "engine, openvino/bf16 (default)"})),
+        "results.runtime_default": next(f"{r['runtime / precision'].removeprefix('engine, ').removesuffix(' (default)')}: {r['tokens/s']} ({r['× baseline']}×)"
+                                        for r in runtimes if r["runtime / precision"].endswith("(default)")),
         "results.engine_32x32": served("engine in process", "32", "32"),
         "results.rest_32x32": served(rest, "32", "32") + (f", {share.group(1)} % of in process" if share else ""),
         "results.rest_32x32_tokens": _row(serving, path=rest, c="32", n="32")["tokens/s"],
@@ -167,6 +168,17 @@ def figures() -> dict[str, str]:
             name = "minilm" if "MiniLM" in r["model"] else "mpnet" if "mpnet" in r["model"] else None
             if name:
                 fig[f"mpnet.{name}"] = f"{r['× baseline']}× ({r['served tokens/s']} against {r['baseline tokens/s']} tokens/s)"
+    cpu = (BENCH / "CPU.md").read_text() if (BENCH / "CPU.md").exists() else ""
+    if cpu:  # `make bench-cpu`: issue 29's three per-CPU targets, on the machine it names
+        fig["cpu.date"] = re.search(r"Written by `make bench-cpu` on (\d{4}-\d\d-\d\d \d\d:\d\d UTC)", cpu).group(1)
+        fig["cpu.machine"] = f"{re.search(r'(?m)^[|] cpu [|] (.+?) [|]$', cpu).group(1)}, {re.search(r'(?m)^[|] cores [|] (.+?) [|]$', cpu).group(1)} cores"
+        heads = re.search(r"(?m)^[|] [|] (.+?) [|]$\n[|] --- [|]", cpu).group(1).split(" | ")
+        ratios = re.search(r"(?m)^[|] [*][*]ratio[*][*] [|] (.+?) [|]$", cpu).group(1).replace("*", "").split(" | ")
+        fig["cpu.lone"] = " / ".join(f"{r}× ({h})" for h, r in zip(heads[1:], ratios[1:]))
+        short = re.search(r"[*][*]([\d.]+)×[*][*] plain encode at p50 \(target ≤ 0.35×\), p99 ([\d.]+)× p50", cpu)
+        fig["cpu.short"] = f"{short.group(1)}× plain encode at p50, p99 {short.group(2)}× p50"
+        bulk = re.search(r"µs against ([\d,]+) µs, [*][*]([\d.]+)×[*][*] \(target ≤ 1.03×\)", cpu)
+        fig["cpu.bulk"] = f"{bulk.group(2)}×" if bulk else "not measured"
     return fig
 
 
