@@ -49,10 +49,13 @@ LONG_INPUTS: dict[str, str] = {}
 _dialect: contextvars.ContextVar[str] = contextvars.ContextVar("dialect", default="")
 # The call came through Envoy's transcoder (a REST caller), set by `handle` for `respond` to read.
 _rest: contextvars.ContextVar[bool] = contextvars.ContextVar("rest", default=False)
+# The call's metadata, read by `handle` for `call` (each call runs in a task of its own, with a context of its own).
+_metadata: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("metadata", default=None)
 
 
 def call(context: grpc.aio.ServicerContext, max_inputs: int, **settings: Any) -> Call:
-    return Call(metadata(context), deadline(context), max_inputs, settings, LONG_INPUTS.get(_dialect.get(), "truncate"))
+    md = _metadata.get()  # read once per call, by `handle`
+    return Call(metadata(context) if md is None else md, deadline(context), max_inputs, settings, LONG_INPUTS.get(_dialect.get(), "truncate"))
 
 
 def _parse(message_type: Any, to_core: Callable[[Any, Call], T], raw: bytes, info: Call) -> T:
@@ -145,6 +148,7 @@ async def handle(context: grpc.aio.ServicerContext, dialect: Dialect, work: Call
     started = time.perf_counter()
     _dialect.set(dialect.name)
     md = metadata(context)
+    _metadata.set(md)
     request_id.set(md.get("x-request-id"))
     _rest.set(REST_MARK in md)
     _result.set(None)

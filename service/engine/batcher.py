@@ -72,6 +72,11 @@ class Job:
             self.future.set_exception(exc)
 
 
+def _resolve_all(jobs: list[Job]) -> None:
+    for job in jobs:
+        job._resolve()
+
+
 @dataclass(slots=True)
 class _Entry:
     key: tuple[int, int]  # (length, arrival sequence): the sort order of the queue
@@ -104,7 +109,7 @@ class Batcher:
         max_batch_size: int,
         on_batch: Callable[[BatchStats], None] | None = None,
         max_width: int = 512,
-        max_padding: float = 0.1,
+        max_padding: float | None = None,
         on_failure: Callable[[bool], None] | None = None,
         on_recovery: Callable[[], None] | None = None,
         max_restarts: int = 3,
@@ -125,9 +130,14 @@ class Batcher:
         # Tight, because with one text per request the queue holds few texts of mixed lengths, and two streams running
         # tighter batches side by side beat one looser batch. Measured, runs interleaved, 32 clients × 1 text: in
         # process 0.3 21.8k tokens/s, 0.2 23.1-23.5k, 0.1 24.4-25.4k, 0 (one width a batch) 25.3-25.7k; REST through
-        # Envoy 0.2 17.5-17.9k, 0.1 18.7-18.9k (128 × 1: 20.7k, 21.0-21.7k); 32 × 32 the same throughout. Not 0: on
-        # texts of many lengths it would leave few inputs of each width to batch.
-        self.max_padding = max_padding
+        # Envoy 0.2 17.5-17.9k, 0.1 18.7-18.9k (128 × 1: 20.7k, 21.0-21.7k); 32 × 32 the same throughout.
+        # So 0 (one width a batch) where the runtime pads to a multiple: its widths are few (16 up to 256), so each still
+        # gathers inputs, and where the forward pass is bound by arithmetic (fp32 on AVX2) mixing widths costs CPU
+        # outright. Server CPU per text (bench/cpu.py, two rounds each): 0.1 → 0 took 32 × 1 from 26.98 to 25.59 ms and
+        # 128 × 1 from 28.52 to 23.95 (32 × 32: 22.53 and 22.82), padding 18.9 % → 12.2 %, and in process 32 × 1's
+        # p50 392-426 → 371-377 ms. A runtime that pads to the longest input (a multiple of 1) keeps 0.1: there every
+        # length is a width of its own.
+        self.max_padding = (0.0 if runtime.seq_multiple > 1 else 0.1) if max_padding is None else max_padding
         self._cond = threading.Condition()
         # The queue, sorted by (length, arrival): logarithmic to insert into and to take a run of neighbours from (a
         # list's insert moved the whole queue: a 2,048-input request of short texts in front of a full queue held the
@@ -420,8 +430,13 @@ class Batcher:
                 job.remaining -= 1
                 if job.remaining == 0:
                     finished.append(job)
+        # One wake-up per event loop for all the requests this batch finished, not one each: a cross-thread call writes
+        # to the loop's wake-up socket and the loop reads it back, a syscall pair per call.
+        by_loop: dict[asyncio.AbstractEventLoop, list[Job]] = {}
         for job in finished:
-            job.loop.call_soon_threadsafe(job._resolve)
+            by_loop.setdefault(job.loop, []).append(job)
+        for loop, jobs in by_loop.items():
+            loop.call_soon_threadsafe(_resolve_all, jobs)
         rate = int(mask.sum()) / elapsed * max(1, self.runtime.streams) if elapsed > 0 else 0.0
         self.tokens_per_second = rate if not self.tokens_per_second else 0.8 * self.tokens_per_second + 0.2 * rate
         if self.on_batch is not None:
