@@ -209,6 +209,11 @@ async def measure(stack, corpus: list[str], model: str, shapes=SHAPES, rounds: i
                 runs[(c, n)].append({"cpu": cpu, "server": server, "batches": batches, "seconds": run.seconds, "errors": run.errors})
                 say(f"   round {r + 1}/{rounds}, {c} × {n}: server {server:.2f} ms CPU/text, Envoy {cpu.get('Envoy', 0):.2f}, "
                     f"{batches['batches']:.0f} forward passes, {run.seconds:.1f} s, errors {run.errors}")
+        lone = shapes[1] if len(shapes) > 1 else shapes[0]
+        rate = float(np.median([len(corpus) / r["seconds"] for r in runs[lone]]))  # calls per second (one text each)
+        floor = await floors(rate) if lone[1] == 1 else {}
+        for name, f in floor.items():
+            say(f"   a bare grpc.aio server {name}: {f['ms_per_call']:.2f} ms CPU a call at {f['calls_per_s']:,.0f} calls/s")
         profiles = {}
         spy = py_spy()
         if profile and spy:
@@ -226,7 +231,10 @@ async def measure(stack, corpus: list[str], model: str, shapes=SHAPES, rounds: i
             say("   (py-spy not found: the event loop is not split by function)")
     finally:
         await client.close()
-    return summarize(runs, profiles, len(corpus))
+    out = summarize(runs, profiles, len(corpus))
+    out["floor"] = floor
+    out["floor_shape"] = lone
+    return out
 
 
 def summarize(runs: dict, profiles: dict, texts: int) -> dict:
@@ -282,6 +290,19 @@ def section(result: dict) -> list[str]:
         "| padding (share of tokens run) | " + " | ".join(f"{result['shapes'][s]['padding']:.1%}" for s in shapes) + " |",
         "",
     ]
+    floor = result.get("floor")
+    if floor:
+        f_lone, f_flat = floor["at the lone shape's rate"], floor["flat out"]
+        shape = result["floor_shape"]
+        lines += [
+            "What gRPC aio itself costs a call, beside it: a bare `grpc.aio` server (two pass-through interceptors, its answer",
+            "resolved from another thread, initial metadata sent, no other work) called by 32 clients directly, its worker",
+            f"holding each call long enough to match {label(shape)}'s rate ({f_lone['calls_per_s']:,.0f} calls/s), then flat out: "
+            f"**{f_lone['ms_per_call']:.2f} ms** of CPU a call at that rate,",
+            f"{f_flat['ms_per_call']:.2f} ms at {f_flat['calls_per_s']:,.0f} calls/s. Calls that come one at a time each pay for their own wake-ups",
+            "(gRPC's poller thread, the event loop's, the GIL passing between them); calls that come together share them.",
+            "",
+        ]
     profiled = [s for s in shapes if result["shapes"][s]["profile"]]
     if profiled:
         cats = [name for name, _ in CATEGORIES] + ["gRPC aio and the event loop"]
@@ -303,6 +324,78 @@ def section(result: dict) -> list[str]:
                 lines.append(f"| {cat} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
         lines.append("")
     return lines
+
+
+# -- the floor: a bare grpc.aio server ---------------------------------------------------------------------------------
+
+FLOOR_SERVER = """
+import asyncio, queue, sys, threading, time
+import grpc
+
+class Pass(grpc.aio.ServerInterceptor):  # two, as the server has (its gate and auth)
+    async def intercept_service(self, continuation, details):
+        return await continuation(details)
+
+def work(jobs):  # one thread, one call at a time: a forward pass of WORK seconds, resolved as the batcher does
+    while True:
+        loop, future, seconds = jobs.get()
+        time.sleep(seconds)
+        loop.call_soon_threadsafe(future.set_result, None)
+
+async def main():
+    jobs, loop = queue.SimpleQueue(), asyncio.get_running_loop()
+    threading.Thread(target=work, args=(jobs,), daemon=True).start()
+
+    async def handler(request, context):
+        future = loop.create_future()
+        jobs.put((loop, future, float(request.decode() or 0)))
+        await future
+        await context.send_initial_metadata((("x-compute-time", "1.000"),))  # the REST caller's headers
+        return bytes(1600)  # a vector's worth of answer
+
+    server = grpc.aio.server(interceptors=[Pass(), Pass()], options=[("grpc.so_reuseport", 0)])
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("floor.Floor", {"Call": grpc.unary_unary_rpc_method_handler(handler)}),))
+    print(server.add_insecure_port("127.0.0.1:0"), flush=True)
+    await server.start()
+    await server.wait_for_termination()
+
+asyncio.run(main())
+"""
+
+
+async def grpc_floor(work_seconds: float, calls: int = 320, clients: int = 32) -> dict:
+    """CPU per call of a bare grpc.aio server (two pass-through interceptors, its answer resolved from another thread
+    after `work_seconds`, initial metadata sent) with `clients` concurrent callers: what gRPC aio itself costs a call
+    at the rate the work allows (0: as fast as it goes; one call at a time in the worker, as a lone text's pass)."""
+    import grpc
+
+    proc = subprocess.Popen([sys.executable, "-c", FLOOR_SERVER], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(proc.stdout.readline())
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary("/floor.Floor/Call")
+            body = f"{work_seconds}".encode()
+
+            async def caller(n: int) -> None:
+                for _ in range(n):
+                    await call(body)
+
+            await asyncio.gather(*[caller(2) for _ in range(clients)])  # warm-up
+            cpu0, t0 = process_seconds(proc.pid), time.perf_counter()
+            await asyncio.gather(*[caller(calls // clients) for _ in range(clients)])
+            seconds = time.perf_counter() - t0
+            return {"calls_per_s": calls / seconds, "ms_per_call": (process_seconds(proc.pid) - cpu0) / calls * 1e3}
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+async def floors(lone_rate: float) -> dict:
+    """The bare server at the lone shape's call rate and flat out."""
+    out = {}
+    for name, work in (("at the lone shape's rate", 1 / lone_rate if lone_rate else 0.0), ("flat out", 0.0)):
+        out[name] = await grpc_floor(work, calls=320 if work else 3200)
+    return out
 
 
 # -- the other two per-CPU targets: a short text against plain encode, a bulk stream against the engine ------------------
