@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 
 from service.config import Config, ModelConfig, default_model_path  # noqa: E402
 from .clients import HttpClient, Run, drive  # noqa: E402
-from .corpus import make_corpus  # noqa: E402
+from .corpus import isolated, load as load_corpus  # noqa: E402
 from .stages import bulk_stream, cpu_seconds, engine_latency, forward_only, grpc_latency, rest_latency, short_texts, stage_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -268,9 +268,7 @@ async def rss_per_mode(cfg: Config, modes, corpus: list[str]) -> list[tuple[str,
 
     out = []
     for runtime, precision in modes:
-        scfg = copy.deepcopy(cfg)
-        scfg.server.grpc_port = scfg.server.metrics_port = scfg.envoy.listen_port = scfg.envoy.admin_port = 0
-        scfg.envoy.metrics_port = 0
+        scfg = isolated(cfg)
         scfg.default_model().runtime, scfg.default_model().precision = runtime, precision
         try:
             with Stack(scfg) as stack:
@@ -307,11 +305,7 @@ async def bench(args) -> int:
     for k, v in env.items():
         print(f"  {k:22} {v}")
 
-    tok = Tokenizer.from_file(str(Path(default_model_path()) / "tokenizer.json"))
-    tok.no_padding()
-    tok.enable_truncation(256)
-    corpus = make_corpus(list(tok.get_vocab()), n=args.texts)
-    lengths = np.array([len(e.ids) for e in tok.encode_batch(corpus)])
+    corpus, lengths = load_corpus(args.texts)
     tokens = int(lengths.sum())
     print(f"== corpus: {len(corpus)} texts, {tokens} tokens, p50 {np.percentile(lengths, 50):.0f}, p90 {np.percentile(lengths, 90):.0f} tokens/text", flush=True)
     rows: list[Row] = []
@@ -386,10 +380,7 @@ async def bench(args) -> int:
 
     lone = lone_bench.measure()
 
-    scfg = copy.deepcopy(cfg)
-    scfg.server.grpc_port = scfg.server.metrics_port = scfg.envoy.listen_port = scfg.envoy.admin_port = 0
-    scfg.envoy.metrics_port = 0
-    with Stack(scfg) as stack:
+    with Stack(isolated(cfg)) as stack:
         server_pid = stack.servers[0].pid
         for c, n in grid:
             for name, fn in (

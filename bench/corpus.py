@@ -33,3 +33,29 @@ def make_corpus(vocab: list[str], n: int = N_TEXTS, seed: int = SEED) -> list[st
             sentences.append(" ".join(sentence).capitalize() + ".")
         texts.append(" ".join(sentences))
     return texts
+
+
+def load(n: int = N_TEXTS) -> tuple[list[str], np.ndarray]:
+    """The corpus of `n` texts and each text's token count under the default model's tokenizer: unpadded (its
+    tokenizer.json pads every text to 128) and cut at 256, as the model reads it."""
+    from pathlib import Path
+
+    from tokenizers import Tokenizer
+
+    from service.config import default_model_path
+
+    tok = Tokenizer.from_file(str(Path(default_model_path()) / "tokenizer.json"))
+    tok.no_padding()
+    tok.enable_truncation(256)
+    corpus = make_corpus(list(tok.get_vocab()), n=n)
+    return corpus, np.array([len(e.ids) for e in tok.encode_batch(corpus)])
+
+
+def isolated(cfg):
+    """A copy of `cfg` whose server, metrics and Envoy listen on free ports (the bench's own stack, beside any other)."""
+    import copy
+
+    out = copy.deepcopy(cfg)
+    out.server.grpc_port = out.server.metrics_port = out.envoy.listen_port = out.envoy.admin_port = 0
+    out.envoy.metrics_port = 0
+    return out

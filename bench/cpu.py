@@ -425,7 +425,7 @@ def short_lines(plain: list[float], rest: list[float], server: dict[str, list[fl
     p50, p99 = pct(rest)
     b50, b99 = pct(plain)
     lines = [
-        f"A new short text (10–16 words, uncached) through Envoy REST, one at a time on an idle server, against plain",
+        "A new short text (10–16 words, uncached) through Envoy REST, one at a time on an idle server, against plain",
         f"`SentenceTransformer.encode([text])` (torch fp32, in process) of the same {len(rest)} texts in the same run:",
         "",
         "| | p50 ms | p99 ms | p99 / p50 |",
@@ -448,22 +448,17 @@ def bulk_lines(bulk: dict) -> list[str]:
         return []
     engine = (ref["before"]["cpu_us_per_text"] + ref["after"]["cpu_us_per_text"]) / 2
     server = next(v for k, v in cpu.items() if k.startswith("server"))
-    return [f"The server's CPU per streamed text (its offload workers included) against the engine in process's, right before and",
+    return ["The server's CPU per streamed text (its offload workers included) against the engine in process's, right before and",
             f"after: {server:,.0f} µs against {engine:,.0f} µs, **{server / engine:.3f}×** (target ≤ 1.03×).", ""]
 
 
 async def main_async(args) -> int:
-    import copy
-
-    import numpy as np
-    from tokenizers import Tokenizer
-
-    from service.config import Config, default_model_path
+    from service.config import Config
     from service.engine.models import resolve_mode
     from service.launch import Stack
 
     from .__main__ import bulk_run, environment
-    from .corpus import make_corpus
+    from .corpus import isolated, load
     from .report import bulk_section
     from .stages import rest_latency, short_texts
 
@@ -471,15 +466,10 @@ async def main_async(args) -> int:
     env = environment()
     for k, v in env.items():
         print(f"  {k:22} {v}")
-    tok = Tokenizer.from_file(str(Path(default_model_path()) / "tokenizer.json"))
-    corpus = make_corpus(list(tok.get_vocab()))
-    lengths = np.array([len(e.ids) for e in tok.encode_batch(corpus)])
+    corpus, lengths = load()
     cfg = Config().validate()
     cfg.cache.max_bytes = 0
     mode = resolve_mode(cfg.default_model())
-    scfg = copy.deepcopy(cfg)
-    scfg.server.grpc_port = scfg.server.metrics_port = scfg.envoy.listen_port = scfg.envoy.admin_port = 0
-    scfg.envoy.metrics_port = 0
     model = cfg.default_model().id
     shapes = tuple(tuple(int(x) for x in shape.split("x")) for shape in args.shapes.split(","))
     texts = short_texts(corpus, args.short_texts)
@@ -489,7 +479,7 @@ async def main_async(args) -> int:
         print(f"== plain SentenceTransformer.encode([text]) of {len(texts)} new short texts", flush=True)
         plain = plain_latency(texts)
     bulk = None
-    with Stack(scfg) as stack:
+    with Stack(isolated(cfg)) as stack:
         print(f"== per server CPU: the corpus's first {args.texts} texts, shapes {args.shapes}, {args.rounds} rounds", flush=True)
         result = await measure(stack, corpus[: args.texts], model, shapes=shapes, rounds=args.rounds, profile=not args.no_profile)
         if texts:

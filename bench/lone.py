@@ -24,7 +24,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
-SHAPES = (16, 24, 32)  # the widths a short text runs at alone (OpenVinoRuntime.LONE_WIDTHS)
+SHAPES = (16, 24, 32)  # the widths a short text runs at alone (OpenVinoRuntime.lone_widths)
 RUNS = 300
 IDLE = 0.003  # about what a served short text spends outside the forward pass (client, Envoy, gRPC, tokenizing)
 OPTIONS = {

@@ -74,12 +74,12 @@ def test_default_mode_keeps_cosine_0_9999(sample):
 
 
 def test_openvino_lone_inputs_on_static_shape_models_keep_cosine_0_9999(sample, reference):
-    """A lone input of a width in `LONE_WIDTHS` runs on a model compiled for [1, width]; wider ones on the dynamic one."""
+    """A lone input of a width in `lone_widths` runs on a model compiled for [1, width]; wider ones on the dynamic one."""
     from service.runtimes.openvino import OpenVinoRuntime
 
     texts, _ = sample
     lengths = {t: len(reference.tokenizer(t)["input_ids"]) for t in texts}
-    widths = sorted(OpenVinoRuntime.LONE_WIDTHS)
+    widths = sorted(OpenVinoRuntime.lone_widths)
     picked = []
     for low, high in zip([0, *widths], [*widths, widths[-1] + 32]):  # a few of each static width, and wider
         picked += [t for t in texts if low < lengths[t] <= high][:4]

@@ -9,7 +9,7 @@ The model is compiled twice, because a small model can't keep every core busy wi
   batches at once, which measured ~1.4× the single-stream throughput here.
 
 A lone short input (a search query: the latency that users feel) runs on a third kind of compiled model,
-one per width in `LONE_WIDTHS`, static at [1, width]. A server's lone request arrives after an idle gap (the
+one per width in `lone_widths`, static at [1, width]. A server's lone request arrives after an idle gap (the
 client, Envoy, gRPC), and on a shared host the caches go cold in that gap: measured here, a 45 MB matrix-vector
 product takes 1.7 ms back to back and 3.2 ms after a 5 ms gap, and the dynamic model's 1 × 16 forward pass
 1.6 ms back to back, 3.2-3.6 ms after a 5 ms sleep. The static model does less work per pass (no shape
@@ -67,8 +67,7 @@ class OpenVinoRuntime(Runtime):
     # Measured: with every distinct length RSS kept growing (1.07 GB after 600 shapes); padded to 16, flat at 0.63 GB.
     seq_multiple = 16
     # Widths a lone input runs at on a static-shape model (10-16 English words are 14-24 tokens with [CLS] and [SEP]).
-    LONE_WIDTHS = (16, 24, 32)
-    lone_widths = LONE_WIDTHS
+    lone_widths = (16, 24, 32)
 
     def __init__(self, folder: str, precision: str, threads: int, hidden_size: int) -> None:
         if precision not in (*_PRECISION_HINT, "int8"):
@@ -91,7 +90,7 @@ class OpenVinoRuntime(Runtime):
         self.inputs = [i.get_any_name() for i in self._latency.inputs]
         self._alone_request = self._latency.create_infer_request()
         self._lone_requests = {}  # (1, width) -> the infer request of a model compiled for that shape
-        for width in self.LONE_WIDTHS:
+        for width in self.lone_widths:
             static = model.clone()
             static.reshape({name: [1, width] for name in self.inputs})
             request = core.compile_model(static, "CPU", {**common, "PERFORMANCE_HINT": "LATENCY"}).create_infer_request()
